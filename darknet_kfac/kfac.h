@@ -1,0 +1,321 @@
+/*
+ * darknet-kfac public API.
+ *
+ * K-FAC (Martens & Grosse 2015) for connected layers and the KFC block for
+ * convolutional layers (Grosse & Martens 2016, eq. 23; TensorFlow's
+ * ConvKFCBasicFB), written for Darknet's memory layouts but with no Darknet
+ * dependency: everything here builds and is tested against cblas/LAPACKE alone.
+ * The maths and conventions are those of shared/reference/kfac-semantics.md;
+ * section numbers below ("sem. 4") point there.
+ *
+ * Conventions used by every function:
+ *  - Float in, float out at the API (Darknet's type); factors, inverses and
+ *    eigendecompositions are kept in double.
+ *  - Layouts are Darknet's: inputs NCHW, weights row-major n x k per group with
+ *    columns ordered (channel, kh, kw), groups contiguous; biases a separate
+ *    array of n floats.
+ *  - "Parameter vector" of a block: for group j = 0..groups-1, for filter
+ *    r = 0..n_g-1: the k weights of row r, then (if the block has a bias) b[r].
+ *    That is the row-major flattening of Wb = [W | b] per group (sem. 1).
+ *    full_fisher_block() and kfac_block_pack()/unpack() use this order.
+ *  - Functions return a kfac_status; on anything but KFAC_OK the outputs are
+ *    unspecified unless stated and the block's state is unchanged.
+ *  - NULL: a NULL block/config pointer gives KFAC_ERR_NULL. A NULL bias
+ *    pointer is allowed exactly when the block has no bias.
+ *  - Allocation happens in kfac_*_create() and kfac_block_register_*(); no
+ *    function called per training step allocates.
+ *  - Nothing in the library prints or exits; messages are returned.
+ */
+#ifndef KFAC_H
+#define KFAC_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------ status */
+
+typedef enum {
+    KFAC_OK = 0,
+    KFAC_ERR_NULL,          /* a required pointer was NULL */
+    KFAC_ERR_INVALID_ARG,   /* a value out of range or an inconsistent shape */
+    KFAC_ERR_NOMEM,         /* allocation failed (create/register only) */
+    KFAC_ERR_STATE,         /* call made in the wrong state (e.g. no inverse yet) */
+    KFAC_ERR_NOT_FINITE,    /* NaN/Inf in statistics, factors, inverse or update */
+    KFAC_ERR_LAPACK,        /* a decomposition failed even after retries */
+    KFAC_ERR_PARSE,         /* a config value could not be parsed */
+    KFAC_ERR_UNKNOWN_KEY,   /* a config key that does not exist */
+    KFAC_ERR_IO,            /* read/write failure (checkpoint helpers) */
+    KFAC_ERR_FORMAT         /* corrupt, truncated or mismatched serialized state */
+} kfac_status;
+
+/* Static English description of a status; never NULL. */
+const char *kfac_status_str(kfac_status s);
+
+/* ------------------------------------------------------------------ config */
+
+typedef enum {
+    KFAC_DAMPING_FACTORED = 0, /* factored Tikhonov with trace-norm pi (sem. 4) */
+    KFAC_DAMPING_EXACT         /* eigenbasis damping of the Kronecker product */
+} kfac_damping_type;
+
+typedef enum {
+    KFAC_ESTIMATION_SAMPLED = 0, /* true Fisher: targets sampled from the model */
+    KFAC_ESTIMATION_EMPIRICAL    /* data labels: the normal backward pass */
+} kfac_estimation_mode;
+
+#define KFAC_MAX_SKIP 64
+
+/* The [kfac] cfg section. Plain data; fill with kfac_config_default(). */
+typedef struct {
+    double damping;            /* lambda > 0, default 0.001 */
+    double cov_ema_decay;      /* 0 <= e < 1, default 0.95 */
+    int    cov_update_every;   /* >= 1, default 1 */
+    int    invert_every;       /* >= 1, default 20 */
+    double norm_constraint;    /* C >= 0, 0 disables, default 0.001 */
+    double momentum;           /* 0 <= mu < 1; < 0 means "use [net] momentum" (default -1) */
+    kfac_estimation_mode estimation_mode;  /* default sampled */
+    kfac_damping_type    damping_type;     /* default factored */
+    int    skip[KFAC_MAX_SKIP]; /* layer indices left on SGD */
+    int    nskip;
+    double cov_subsample;      /* 0 < s <= 1: fraction of output locations used
+                                  for conv statistics, default 1 (all) */
+    int    max_failures;       /* consecutive failed steps before training stops,
+                                  >= 1, default 10 */
+} kfac_config;
+
+void kfac_config_default(kfac_config *cfg);
+
+/* Sets one key from its cfg text ("damping", "0.01"). Parsing is strict (the
+ * whole value must parse, no trailing junk) and range-checked. On failure
+ * returns KFAC_ERR_UNKNOWN_KEY / KFAC_ERR_PARSE / KFAC_ERR_INVALID_ARG and, if
+ * err != NULL, writes a one-line message naming the key and the accepted
+ * values into err (always NUL-terminated, truncated to errlen). cfg is left
+ * unchanged on failure. key/value must be non-NULL (else KFAC_ERR_NULL). */
+kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value,
+                            char *err, size_t errlen);
+
+/* Whole-config validation, liblinear style: NULL if valid, else a static
+ * message naming the offending field. */
+const char *kfac_config_check(const kfac_config *cfg);
+
+/* ------------------------------------------------------------------ blocks */
+
+typedef enum {
+    KFAC_PATCHES_GENERAL = 0, /* "extract_convolution_patches": any size, stride,
+                                 pad, dilation; the block's own im2col */
+    KFAC_PATCHES_IMAGE,       /* "extract_image_patches": Darknet's im2col_cpu
+                                 layout, dilation must be 1 */
+    KFAC_PATCHES_POINTWISE    /* "extract_pointwise_conv2d_patches": size 1,
+                                 stride 1, pad 0, dilation 1; reads the input
+                                 in place, no copy */
+} kfac_patches;
+
+/* Geometry of a convolutional layer. pad is in pixels on every side
+ * (Darknet's l.pad, i.e. already size/2 when the cfg says pad=1). */
+typedef struct {
+    int c, h, w;      /* input channels, height, width (>= 1) */
+    int n;            /* filters (>= 1) */
+    int size;         /* square kernel side (>= 1) */
+    int stride;       /* >= 1 */
+    int pad;          /* >= 0 */
+    int dilation;     /* >= 1; 1 in pjreddie Darknet */
+    int groups;       /* >= 1, divides c and n */
+    int bias;         /* 1: block includes the bias (no batch norm); 0: none */
+    kfac_patches patches;
+} kfac_conv_geom;
+
+typedef struct kfac_block kfac_block;
+
+/* Creates a conv block, allocating factors, accumulators and workspace.
+ * out_h = (h + 2*pad - dilation*(size-1) - 1)/stride + 1, likewise out_w;
+ * T = out_h*out_w. KFAC_ERR_INVALID_ARG if the geometry is inconsistent
+ * (groups not dividing c or n, out_h < 1, pointwise with size != 1, ...).
+ * damping/type are taken from cfg (may be NULL: defaults). *out is NULL on
+ * failure. Free with kfac_block_free(). */
+kfac_status kfac_conv_block_create(const kfac_conv_geom *g, const kfac_config *cfg,
+                                   kfac_block **out);
+
+/* Connected layer: W is outputs x inputs row-major (Darknet's l.weights), T = 1. */
+kfac_status kfac_fc_block_create(int inputs, int outputs, int bias,
+                                 const kfac_config *cfg, kfac_block **out);
+
+void kfac_block_free(kfac_block *b); /* NULL is a no-op */
+
+/* Shapes and bookkeeping. */
+typedef struct {
+    int is_conv;
+    int groups;
+    int n_g;        /* rows of one group's Wb (filters per group / outputs) */
+    int k;          /* weight columns per group (c/groups*size*size, or inputs) */
+    int kb;         /* k + bias */
+    int T;          /* output locations per example (1 for connected) */
+    int out_h, out_w;
+    size_t nparams; /* groups*n_g*kb */
+    size_t bytes;   /* memory held by the block */
+} kfac_block_info;
+kfac_status kfac_block_info_get(const kfac_block *b, kfac_block_info *info);
+
+/* What the caller must capture per tower and example (TF's
+ * tensors_to_compute_grads): the layer input (NCHW c*h*w floats, or the
+ * connected layer's `inputs` floats) and the gradient with respect to the
+ * pre-activation output (before batch norm), n*out_h*out_w floats. */
+typedef struct {
+    size_t input_floats;       /* per example */
+    size_t output_grad_floats; /* per example */
+    int    needs_patches;      /* 1 if the input is expanded by im2col */
+} kfac_capture_spec;
+kfac_status kfac_block_tensors_to_compute_grads(const kfac_block *b, kfac_capture_spec *spec);
+
+/* Towers (sem. 2: all towers concatenated). A block starts with one tower.
+ * Statistics sent to tower t go into the same sums as the others; the tower
+ * index is checked (KFAC_ERR_INVALID_ARG if t >= num_towers). */
+kfac_status kfac_block_register_additional_tower(kfac_block *b);
+int kfac_block_num_registered_towers(const kfac_block *b);
+
+/* ---- statistics (accumulate within one optimizer step, then update_cov) */
+
+/* Accumulates A from `batch` examples of raw input x (NCHW, batch*c*h*w
+ * floats; for connected: batch*inputs). Uses the block's patch path. */
+kfac_status kfac_block_accumulate_inputs(kfac_block *b, int tower, const float *x, int batch);
+
+/* Accumulates A from one example's already-expanded patches of one group:
+ * cols is k x T row-major (the im2col_cpu buffer Darknet has filled, or the
+ * raw input for 1x1). Zero-copy path for Darknet's glue. Counts one example
+ * for group 0 only (so calling it for every group of an example counts the
+ * example once). */
+kfac_status kfac_block_accumulate_patches(kfac_block *b, int tower, int group,
+                                          const float *cols);
+
+/* Accumulates G from `batch` examples of output gradients d (batch*n*T floats,
+ * NCHW; for connected batch*outputs). Sign and scale: the gradient of each
+ * example's own loss; Darknet's l.delta (minus that) is fine (sem. 2). */
+kfac_status kfac_block_accumulate_output_grads(kfac_block *b, int tower, const float *d, int batch);
+
+/* One example, one group: d is n_g x T row-major (a slice of l.delta). Counts
+ * the example for group 0 only, as accumulate_patches. */
+kfac_status kfac_block_accumulate_output_grads_group(kfac_block *b, int tower, int group,
+                                                     const float *d);
+
+/* Folds the accumulated sums into the factors: A_new = sumA/(M*T) (likewise
+ * G), C <- decay*C + (1-decay)*C_new, first estimate taken as is; then clears
+ * the sums. Requires the same M for A and G (KFAC_ERR_STATE otherwise, or if
+ * M == 0). KFAC_ERR_NOT_FINITE (factors unchanged, sums cleared) if the new
+ * statistics are not finite. */
+kfac_status kfac_block_update_cov(kfac_block *b, double decay);
+
+/* Discards accumulated sums without touching the factors. */
+void kfac_block_clear_stats(kfac_block *b);
+
+/* Direct access for tests and checkpoints: copies the current factors of one
+ * group into caller arrays (A: kb*kb, G: n_g*n_g, row-major, double). Either
+ * output may be NULL. KFAC_ERR_STATE before the first update_cov. */
+kfac_status kfac_block_get_factors(const kfac_block *b, int group, double *A, double *G);
+/* Sets the factors of one group (symmetric, finite; else INVALID_ARG /
+ * NOT_FINITE). Marks the block as having factors. */
+kfac_status kfac_block_set_factors(kfac_block *b, int group, const double *A, const double *G);
+
+/* ---- damping, inverses, products */
+
+/* TF's instantiate_factors(grads_list, damping): sets lambda (> 0 for
+ * factored; >= 0 for exact) for later inverse updates/products. */
+kfac_status kfac_block_instantiate_factors(kfac_block *b, double damping);
+/* Damping kind is fixed at creation (cfg->damping_type). */
+
+/* Requests the damped inverse (sem. 4) at each update_inverses. Factored:
+ * Cholesky of (A + lam_A I), (G + lam_G I) in double; exact: eigen. */
+kfac_status kfac_block_register_inverse(kfac_block *b);
+/* Requests (F+damping)^exp for multiply_matpower; needs eigendecompositions
+ * (allocated here). Up to 8 distinct exponents. */
+kfac_status kfac_block_register_matpower(kfac_block *b, double exp);
+
+/* Recomputes everything registered from the current factors and damping.
+ * Factors are checked for finiteness first. A failed Cholesky is retried with
+ * the damping multiplied by 10 (up to 3 times), then through the eigen path.
+ * On failure returns KFAC_ERR_NOT_FINITE/KFAC_ERR_LAPACK and keeps the last
+ * good inverse. KFAC_ERR_STATE if there are no factors yet. */
+kfac_status kfac_block_update_inverses(kfac_block *b);
+/* 1 once update_inverses has succeeded at least once. */
+int kfac_block_has_inverse(const kfac_block *b);
+/* Number of Cholesky retries / eigen fallbacks since creation. */
+int kfac_block_num_retries(const kfac_block *b);
+
+/* out = (damped block) * v, with current factors (sem. 4, e = +1). v and out
+ * are (w, bias) pairs in Darknet layout: w has groups*n_g*k floats, bias n
+ * floats (NULL when the block has no bias). out may alias v. */
+kfac_status kfac_block_multiply(kfac_block *b, const float *v_w, const float *v_b,
+                                float *out_w, float *out_b);
+/* out = (damped block)^-1 v, with the factors of the last update_inverses.
+ * Needs register_inverse + a successful update_inverses (else STATE).
+ * KFAC_ERR_NOT_FINITE if the result is not finite (out unspecified). */
+kfac_status kfac_block_multiply_inverse(kfac_block *b, const float *v_w, const float *v_b,
+                                        float *out_w, float *out_b);
+/* out = (damped block)^exp v. exp == 1: multiply; exp == -1 with
+ * register_inverse: multiply_inverse; otherwise exp must have been
+ * registered, and the eigendecomposition of the last update_inverses is used. */
+kfac_status kfac_block_multiply_matpower(kfac_block *b, double exp, const float *v_w,
+                                         const float *v_b, float *out_w, float *out_b);
+
+/* The dense undamped block F = T*kron(G, A) per group, block-diagonal over
+ * groups, in parameter-vector order: out is nparams x nparams row-major
+ * doubles. For tests only (it can be huge). */
+kfac_status kfac_block_full_fisher_block(const kfac_block *b, double *out);
+
+/* (w, bias) <-> parameter vector (nparams doubles). */
+kfac_status kfac_block_pack(const kfac_block *b, const float *w, const float *bias, double *flat);
+kfac_status kfac_block_unpack(const kfac_block *b, const double *flat, float *w, float *bias);
+
+/* The factored-damping split of sem. 4 for one group from the current
+ * factors: lam_A, lam_G and pi (any output may be NULL). */
+kfac_status kfac_block_factored_damping(const kfac_block *b, int group,
+                                        double *lam_A, double *lam_G, double *pi);
+
+/* ------------------------------------------------------------ optimizer */
+
+/* One K-FAC layer's parameters as the optimizer sees them (Darknet's layer
+ * fields). grad_w/grad_b hold minus the batch-summed gradient (Darknet's
+ * weight_updates / bias_updates). vel_w/vel_b are the momentum buffers
+ * (owned by the caller, nparams-shaped like w/b, zero at start). Biases are
+ * NULL when the block has none. */
+typedef struct {
+    kfac_block *block;
+    float *w, *b;
+    float *grad_w, *grad_b;
+    float *vel_w, *vel_b;
+    float *scratch_w, *scratch_b; /* caller-owned, same sizes as w/b: holds
+                                     g, then Delta */
+    float *scratch2_w, *scratch2_b;
+} kfac_layer_ref;
+
+typedef struct {
+    double learning_rate; /* eta, after Darknet's policy */
+    double momentum;      /* mu */
+    double decay;         /* wd, weights only */
+    int    batch;         /* net.batch*net.subdivisions */
+    double norm_constraint; /* C; 0 disables clipping */
+} kfac_step_args;
+
+typedef struct {
+    double nu;          /* clip coefficient used (1 when not clipped) */
+    double gdotdelta;   /* sum over applied layers of <g, Delta> */
+    int    applied;     /* layers whose weights moved */
+    int    skipped;     /* layers skipped for a non-finite g/Delta or no inverse */
+    int    first_skipped; /* index into the layers array of the first skipped, -1 */
+} kfac_step_report;
+
+/* Sem. 5 over `n` layers: g = -grad/batch + wd*W (no decay on bias),
+ * Delta = multiply_inverse(g), nu from the norm constraint over all applied
+ * layers, v = mu*v + nu*Delta, W -= eta*v, grad <- 0. A layer whose g or
+ * Delta is not finite (or has no inverse) is skipped: its weights, biases and
+ * velocity are untouched, its grad is zeroed, and it is counted in report.
+ * Returns KFAC_OK even when layers were skipped (see report); KFAC_ERR_* for
+ * bad arguments, in which case nothing is changed. */
+kfac_status kfac_step(kfac_layer_ref *layers, int n, const kfac_step_args *args,
+                      kfac_step_report *report);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KFAC_H */
