@@ -80,8 +80,6 @@ typedef struct {
     kfac_damping_type    damping_type;     /* default factored */
     int    skip[KFAC_MAX_SKIP]; /* layer indices left on SGD */
     int    nskip;
-    double cov_subsample;      /* 0 < s <= 1: fraction of output locations used
-                                  for conv statistics, default 1 (all) */
     int    max_failures;       /* consecutive failed steps before training stops,
                                   >= 1, default 10 */
 } kfac_config;
@@ -178,7 +176,8 @@ int kfac_block_num_registered_towers(const kfac_block *b);
 /* ---- statistics (accumulate within one optimizer step, then update_cov) */
 
 /* Accumulates A from `batch` examples of raw input x (NCHW, batch*c*h*w
- * floats; for connected: batch*inputs). Uses the block's patch path. */
+ * floats; for connected: batch*inputs). Uses the block's patch path.
+ * batch >= 1 (else KFAC_ERR_INVALID_ARG), likewise for the output grads. */
 kfac_status kfac_block_accumulate_inputs(kfac_block *b, int tower, const float *x, int batch);
 
 /* Accumulates A from one example's already-expanded patches of one group:
@@ -203,7 +202,7 @@ kfac_status kfac_block_accumulate_output_grads_group(kfac_block *b, int tower, i
  * G), C <- decay*C + (1-decay)*C_new, first estimate taken as is; then clears
  * the sums. Requires the same M for A and G (KFAC_ERR_STATE otherwise, or if
  * M == 0). KFAC_ERR_NOT_FINITE (factors unchanged, sums cleared) if the new
- * statistics are not finite. */
+ * statistics are not finite. decay must be in [0, 1) (else INVALID_ARG). */
 kfac_status kfac_block_update_cov(kfac_block *b, double decay);
 
 /* Discards accumulated sums without touching the factors. */
@@ -214,7 +213,8 @@ void kfac_block_clear_stats(kfac_block *b);
  * output may be NULL. KFAC_ERR_STATE before the first update_cov. */
 kfac_status kfac_block_get_factors(const kfac_block *b, int group, double *A, double *G);
 /* Sets the factors of one group (symmetric, finite; else INVALID_ARG /
- * NOT_FINITE). Marks the block as having factors. */
+ * NOT_FINITE). Both A and G are required (KFAC_ERR_NULL). Marks the block as
+ * having factors (other groups keep theirs; zero if never set). */
 kfac_status kfac_block_set_factors(kfac_block *b, int group, const double *A, const double *G);
 
 /* ---- damping, inverses, products */
@@ -228,18 +228,24 @@ kfac_status kfac_block_instantiate_factors(kfac_block *b, double damping);
  * Cholesky of (A + lam_A I), (G + lam_G I) in double; exact: eigen. */
 kfac_status kfac_block_register_inverse(kfac_block *b);
 /* Requests (F+damping)^exp for multiply_matpower; needs eigendecompositions
- * (allocated here). Up to 8 distinct exponents. */
+ * (allocated here). Up to 8 distinct exponents (a 9th: KFAC_ERR_INVALID_ARG;
+ * registering one again is a no-op; exp == 1 needs nothing and is accepted). */
 kfac_status kfac_block_register_matpower(kfac_block *b, double exp);
 
 /* Recomputes everything registered from the current factors and damping.
  * Factors are checked for finiteness first. A failed Cholesky is retried with
  * the damping multiplied by 10 (up to 3 times), then through the eigen path.
  * On failure returns KFAC_ERR_NOT_FINITE/KFAC_ERR_LAPACK and keeps the last
- * good inverse. KFAC_ERR_STATE if there are no factors yet. */
+ * good inverse. KFAC_ERR_STATE if there are no factors yet. With nothing
+ * registered it does nothing and returns KFAC_OK. The eigen fallback inverts
+ * Q diag(max(d,0) + lam_X) Q^T with the original (not multiplied) damping. */
 kfac_status kfac_block_update_inverses(kfac_block *b);
-/* 1 once update_inverses has succeeded at least once. */
+/* 1 once update_inverses has succeeded at least once with register_inverse
+ * in effect, i.e. exactly when multiply_inverse can work. */
 int kfac_block_has_inverse(const kfac_block *b);
-/* Number of Cholesky retries / eigen fallbacks since creation. */
+/* Number of Cholesky retries / eigen fallbacks since creation: each x10 retry
+ * counts 1 and an eigen fallback counts 1 (so a factor that needs the
+ * fallback adds 4). */
 int kfac_block_num_retries(const kfac_block *b);
 
 /* out = (damped block) * v, with current factors (sem. 4, e = +1). v and out
@@ -249,12 +255,18 @@ kfac_status kfac_block_multiply(kfac_block *b, const float *v_w, const float *v_
                                 float *out_w, float *out_b);
 /* out = (damped block)^-1 v, with the factors of the last update_inverses.
  * Needs register_inverse + a successful update_inverses (else STATE).
- * KFAC_ERR_NOT_FINITE if the result is not finite (out unspecified). */
+ * KFAC_ERR_NOT_FINITE if the result is not finite or does not fit a float
+ * (out unspecified). Factored damping uses lam_A/lam_G as of that update;
+ * exact damping uses that update's eigendecomposition with the *current*
+ * lambda (instantiate_factors), so lambda can change without refactoring. */
 kfac_status kfac_block_multiply_inverse(kfac_block *b, const float *v_w, const float *v_b,
                                         float *out_w, float *out_b);
 /* out = (damped block)^exp v. exp == 1: multiply; exp == -1 with
  * register_inverse: multiply_inverse; otherwise exp must have been
- * registered, and the eigendecomposition of the last update_inverses is used. */
+ * registered, and the eigendecomposition of the last update_inverses is used
+ * (KFAC_ERR_STATE if exp is not registered or no update_inverses has
+ * succeeded since). Damping as for multiply_inverse (factored: lam_A/lam_G
+ * of that update; exact: current lambda). */
 kfac_status kfac_block_multiply_matpower(kfac_block *b, double exp, const float *v_w,
                                          const float *v_b, float *out_w, float *out_b);
 
@@ -285,8 +297,8 @@ typedef struct {
     float *grad_w, *grad_b;
     float *vel_w, *vel_b;
     float *scratch_w, *scratch_b; /* caller-owned, same sizes as w/b: holds
-                                     g, then Delta */
-    float *scratch2_w, *scratch2_b;
+                                     g, then (applied layers) Delta */
+    float *scratch2_w, *scratch2_b; /* caller-owned workspace, same sizes */
 } kfac_layer_ref;
 
 typedef struct {
