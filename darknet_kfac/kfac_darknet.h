@@ -1,0 +1,126 @@
+/*
+ * darknet-kfac glue: connects the Darknet-independent K-FAC library (kfac.h)
+ * to pjreddie Darknet. The patches in patches/ call the hooks below from
+ * parser.c (setup from the [kfac] cfg section), convolutional_layer.c and
+ * connected_layer.c (statistics captured inside the CPU backward pass, from
+ * buffers Darknet has already filled), network.c (the sampled-Fisher pass
+ * after backward_network and the K-FAC update inside update_network) and
+ * examples/ (progress line, `darknet kfac check`). With net->kfac == NULL
+ * every hook is skipped and Darknet behaves exactly as upstream.
+ *
+ * The state types are public so that tests can look at the blocks and the
+ * counters; nothing outside the glue should write to them.
+ */
+#ifndef KFAC_DARKNET_H
+#define KFAC_DARKNET_H
+
+#include <stddef.h>
+#include "darknet.h"
+#include "kfac.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct kfac_net_state;
+
+/* layer.kfac of a layer preconditioned by K-FAC. */
+typedef struct kfac_layer_state {
+    struct kfac_net_state *net;
+    int index;              /* layer index in the network */
+    kfac_block *block;
+    kfac_block_info info;
+    int bias;               /* 1 when the bias column is part of the block */
+    int nweights, nbiases;  /* floats in l.weights / l.biases */
+    float *vel_w, *vel_b;   /* K-FAC momentum buffers */
+    float *scratch_w, *scratch_b, *scratch2_w, *scratch2_b;
+    size_t bytes;           /* block + buffers allocated here */
+    int failures;           /* steps on which this layer failed (total) */
+} kfac_layer_state;
+
+/* One gradient accumulator saved around the sampled pass. */
+typedef struct {
+    float *live;            /* the layer's array */
+    float *saved;           /* setup-time buffer of the same size */
+    size_t n;
+} kfac_snapshot;
+
+/* network.kfac */
+typedef struct kfac_net_state {
+    kfac_config cfg;
+    char cfgfile[256];
+    double momentum;        /* effective: [kfac] momentum or [net] momentum */
+    int sampled;            /* effective estimation mode: 1 sampled, 0 empirical */
+    int softmax_index;      /* output softmax for the sampled pass, -1 if none */
+    int nlayers;
+    kfac_layer_state *layers;
+    kfac_layer_ref *refs;
+    int nsnap;
+    kfac_snapshot *snap;
+
+    /* per-step bookkeeping */
+    int in_sampled_pass;    /* captures G only, accumulators are restored */
+    int ready;              /* every block has factors and an inverse */
+    long steps_run;         /* updates done by this process */
+    int consecutive_failures;
+    long total_failures;
+    double t_stats, t_inv, t_precond; /* seconds in the last step */
+    double t_stats_acc;     /* statistics time of the step being accumulated */
+    long last_step;
+    double last_nu;
+    int last_skipped;
+    int last_cov_failed, last_inv_failed;
+    int pending_print;
+    size_t bytes;
+} kfac_net_state;
+
+/* ---- called by the patched Darknet (CPU only) ---- */
+
+/* parser.c: builds net->kfac from the [kfac] section's options once every
+ * layer exists. On any cfg error prints "cfgfile:LINE: ..." to stderr and
+ * exits with status 1; never returns with a half-built state. */
+void kfac_setup_network(network *net, list *options, const char *cfgfile);
+/* parser.c: a second [kfac] section; prints its line and exits 1. */
+void kfac_error_second_section(const char *cfgfile);
+
+/* The same setup without exiting: 0 on success, else -1 with a one-line
+ * message in err. net->kfac is left NULL on failure. */
+int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
+                           char *err, size_t errlen);
+
+/* convolutional_layer.c, backward, per example i and group j: cols is the
+ * k x T patch matrix Darknet has filled (the input itself for 1x1), delta
+ * the n_g x T slice of l.delta (pre-batch-norm output gradient). */
+void kfac_capture_conv_cpu(layer l, network net, int i, int j,
+                           const float *cols, const float *delta);
+/* connected_layer.c, backward: net.input and l.delta for the whole batch. */
+void kfac_capture_connected_cpu(layer l, network net);
+
+/* network.c, train_network_datum, after backward_network: the sampled-Fisher
+ * backward pass (only when it is a statistics step in sampled mode). */
+void kfac_backward_network_cpu(network *net);
+
+/* network.c, update_network: updates every K-FAC layer (weights, its bias
+ * column, and Darknet's own SGD lines for batch-norm scales/shifts). */
+void kfac_update_network_cpu(network *net, update_args a);
+
+/* One line to stdout about the last K-FAC step. */
+void kfac_print_progress(network *net);
+
+/* Frees net->kfac and clears every layer's kfac pointer. */
+void kfac_free_network(network *net);
+
+/* ---- helpers shared with the CLI and tests ---- */
+
+/* Step index (0-based) of the update the current datum belongs to. */
+long kfac_current_step(const network *net);
+/* 1 when this step accumulates factor statistics. */
+int kfac_is_stats_step(const network *net);
+/* Line number (1-based) of the occurrence-th (0-based) line in cfgfile whose
+ * stripped text is `header` ("[kfac]"), or 0 if not found. */
+int kfac_cfg_section_line(const char *cfgfile, const char *header, int occurrence);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KFAC_DARKNET_H */
