@@ -745,6 +745,34 @@ static void test_cfg_errors(void **state)
     expect_error(CHECK_HEAD, "no [kfac] section", NULL);
 }
 
+
+/* ------------------------------------------------------------ 1x1 + shortcut */
+
+/* A 1x1 conv whose input also feeds a shortcut: upstream's CPU backward wrote
+ * the 1x1 input gradient with BETA 0 and so discarded the shortcut's share
+ * (patches/0009). Finite differences through both paths catch that. */
+static const char *cfg_conv1x1_shortcut =
+    "[net]\nbatch=2\nsubdivisions=1\nheight=4\nwidth=4\nchannels=2\n\n"
+    "[convolutional]\nfilters=3\nsize=3\nstride=1\npad=1\nactivation=tanh\n\n"
+    "[convolutional]\nfilters=3\nsize=1\nstride=1\npad=0\nactivation=tanh\n\n"
+    "[shortcut]\nfrom=-2\nactivation=linear\n\n"
+    "[connected]\noutput=3\nactivation=linear\n\n"
+    "[softmax]\n";
+
+static void test_conv1x1_backward_adds_to_shortcut_gradient(void **state)
+{
+    (void)state;
+    network *net = build(cfg_conv1x1_shortcut);
+    assert_null(net->kfac); /* plain Darknet: the fix is upstream behaviour */
+    fill_batch(net, 11);
+    zero_updates(net);
+    forward_backward(net);
+    layer *c0 = &net->layers[0];
+    fd_check(net, c0->weights, c0->weight_updates, c0->nweights, "conv0 weights under a 1x1 + shortcut");
+    fd_check(net, c0->biases, c0->bias_updates, c0->n, "conv0 biases under a 1x1 + shortcut");
+    free_network(net);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -754,6 +782,7 @@ int main(void)
         cmocka_unit_test(test_train_steps_finite),
         cmocka_unit_test(test_failures_counted_and_stop),
         cmocka_unit_test(test_cfg_errors),
+        cmocka_unit_test(test_conv1x1_backward_adds_to_shortcut_gradient),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
