@@ -142,6 +142,20 @@ kfac_status kfac_fc_block_create(int inputs, int outputs, int bias,
 
 void kfac_block_free(kfac_block *b); /* NULL is a no-op */
 
+/* Changes a conv block's input height and width, as Darknet's resize_network
+ * does during multi-scale detector training (random=1). A and G do not depend
+ * on h and w, so the factors, the last inverse and the damping are kept; out_h,
+ * out_w, T and the patch workspace follow the new size (the next statistics
+ * are normalised by the new T). Statistics must not be pending (mA = mG = 0,
+ * i.e. at a step boundary): KFAC_ERR_STATE otherwise. KFAC_ERR_INVALID_ARG
+ * for a connected block or a geometry conv_block_create would refuse;
+ * KFAC_ERR_NOMEM if a larger workspace cannot be had. On any error the block
+ * is unchanged. Allocates (only when the size changes). Until the next
+ * update_inverses, factored damping keeps the lam_A/lam_G split computed with
+ * the old T, so the effective damping is scaled by T_new/T_old; exact damping
+ * uses the current T and lambda and is unaffected. */
+kfac_status kfac_conv_block_resize(kfac_block *b, int h, int w);
+
 /* Shapes and bookkeeping. */
 typedef struct {
     int is_conv;
@@ -326,6 +340,83 @@ typedef struct {
  * bad arguments, in which case nothing is changed. */
 kfac_status kfac_step(kfac_layer_ref *layers, int n, const kfac_step_args *args,
                       kfac_step_report *report);
+
+/* ------------------------------------------------------------ checkpoints */
+
+/* The sidecar written next to each Darknet weights backup: a container of
+ * named typed arrays (factors, inverses, momentum buffers, counters, the
+ * [kfac] settings -- which arrays is the caller's choice) plus a fingerprint
+ * string, a format version and a CRC-32. Encoding is little-endian and
+ * fixed-width whatever the host; values are copied bit for bit (-0.0 stays
+ * -0.0). The file is written to "<path>.tmp" and renamed over <path>, so a
+ * crash leaves either the old sidecar or the new one, never half of one. */
+
+#define KFAC_CKPT_VERSION          1u
+#define KFAC_CKPT_MAX_NAME         255  /* bytes in an entry name, excl. NUL */
+#define KFAC_CKPT_MAX_FINGERPRINT  4096 /* bytes in the fingerprint, excl. NUL */
+
+typedef enum {
+    KFAC_CKPT_F32 = 0, /* data is float[count] */
+    KFAC_CKPT_F64 = 1, /* data is double[count] */
+    KFAC_CKPT_I64 = 2  /* data is int64_t[count] */
+} kfac_ckpt_type;
+
+/* One named array. The caller owns name and data; the library never keeps
+ * either past the call. name: non-empty NUL-terminated string of at most
+ * KFAC_CKPT_MAX_NAME bytes, unique within one call. data may be NULL only
+ * when count == 0. */
+typedef struct {
+    const char *name;
+    kfac_ckpt_type type;
+    size_t count;   /* elements, not bytes */
+    void *data;     /* read by save, written by load */
+} kfac_ckpt_entry;
+
+/* Rules shared by the three functions below:
+ *  - fingerprint: the caller's description or hash of what the state belongs
+ *    to (cfg + layer shapes); non-NULL, at most KFAC_CKPT_MAX_FINGERPRINT
+ *    bytes, may be empty. Compared byte for byte on load.
+ *  - e/n: n >= 0 entries (e may be NULL when n == 0). NULL path, fingerprint,
+ *    e (n > 0), name or data (count > 0): KFAC_ERR_NULL. n < 0, an empty,
+ *    over-long or repeated name, an unknown type or a byte size that
+ *    overflows: KFAC_ERR_INVALID_ARG. Nothing is read or written then.
+ *  - err: if non-NULL and errlen > 0, receives a one-line message on failure
+ *    (always NUL-terminated, truncated to errlen) and "" on success.
+ *  - Only the tiny bookkeeping of load (n size_t) and the file image of
+ *    kfac_ckpt_load are allocated, and freed before returning. */
+
+/* Writes e[0..n-1] and fingerprint to "<path>.tmp" (a stale one is
+ * overwritten), fsyncs it, renames it over <path> and fsyncs the directory
+ * (best effort). On any failure returns KFAC_ERR_IO with a message naming the
+ * file and the system error, removes the tmp file if it created it, and
+ * leaves an existing <path> untouched. Entry order is kept but not
+ * significant to load. */
+kfac_status kfac_ckpt_save(const char *path, const char *fingerprint,
+                           const kfac_ckpt_entry *e, int n, char *err, size_t errlen);
+
+/* Reads <path> whole and validates all of it before writing any e[i].data
+ * (all-or-nothing: on any failure no caller buffer has been touched), then
+ * fills every e[i].data. Entries are matched by name, in any order.
+ *  KFAC_ERR_IO      <path> cannot be opened or read, or is not a regular
+ *                   file (message names the file and the system error; the
+ *                   caller may treat ENOENT as "no sidecar, start fresh").
+ *  KFAC_ERR_FORMAT  bad magic, unsupported version, truncated file or
+ *                   trailing bytes, checksum mismatch, malformed contents,
+ *                   a different fingerprint ("sidecar was written for a
+ *                   different cfg or layer shapes"), or an entry missing,
+ *                   unexpected, repeated, or of another type or count
+ *                   (the message names the entry).
+ *  KFAC_ERR_NOMEM   the file image (its size) could not be allocated.
+ * Lengths in the file are never trusted: every one is bounds- and
+ * overflow-checked against the bytes actually present. */
+kfac_status kfac_ckpt_load(const char *path, const char *fingerprint,
+                           const kfac_ckpt_entry *e, int n, char *err, size_t errlen);
+
+/* kfac_ckpt_load on an in-memory image of a sidecar file (buf: len bytes,
+ * non-NULL even when len == 0, only read). Same checks, results and
+ * all-or-nothing rule, minus KFAC_ERR_IO. */
+kfac_status kfac_ckpt_load_buffer(const void *buf, size_t len, const char *fingerprint,
+                                  const kfac_ckpt_entry *e, int n, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }
