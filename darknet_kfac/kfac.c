@@ -314,6 +314,55 @@ fail:
     return st;
 }
 
+kfac_status kfac_conv_block_resize(kfac_block *b, int h, int w)
+{
+    if (!b)
+        return KFAC_ERR_NULL;
+    if (!b->is_conv || h < 1 || w < 1)
+        return KFAC_ERR_INVALID_ARG;
+    if (b->mA != 0 || b->mG != 0)
+        return KFAC_ERR_STATE;
+    const kfac_conv_geom *g = &b->geom;
+    if (h == g->h && w == g->w)
+        return KFAC_OK;
+    /* Same validation as kfac_conv_block_create, for the new size only. */
+    long long span = (long long)g->dilation * (g->size - 1) + 1;
+    long long nh = (long long)h + 2LL * g->pad - span;
+    long long nw = (long long)w + 2LL * g->pad - span;
+    if (nh < 0 || nw < 0)
+        return KFAC_ERR_INVALID_ARG;
+    long long oh = nh / g->stride + 1, ow = nw / g->stride + 1;
+    if (oh * ow > INT_MAX)
+        return KFAC_ERR_INVALID_ARG;
+    int T = (int)(oh * ow);
+    if (!shapes_ok(b->groups, b->n_g, b->kb, T) || (long long)g->c * h * w > INT_MAX ||
+        (long long)g->n * T > INT_MAX)
+        return KFAC_ERR_INVALID_ARG;
+    /* New buffers first, so that a failed allocation leaves the block as is. */
+    size_t pf = g->patches == KFAC_PATCHES_POINTWISE ? 0 : (size_t)b->k * T;
+    float *ones = KFAC_CALLOC((size_t)T, sizeof(float));
+    float *patches = pf ? KFAC_CALLOC(pf, sizeof(float)) : NULL;
+    if (!ones || (pf && !patches)) {
+        KFAC_FREE(ones);
+        KFAC_FREE(patches);
+        return KFAC_ERR_NOMEM;
+    }
+    for (int i = 0; i < T; i++)
+        ones[i] = 1.0f;
+    size_t old_pf = b->patches ? (size_t)b->k * b->T : 0;
+    b->bytes = b->bytes - sizeof(float) * ((size_t)b->T + old_pf) + sizeof(float) * ((size_t)T + pf);
+    KFAC_FREE(b->ones);
+    KFAC_FREE(b->patches);
+    b->ones = ones;
+    b->patches = patches;
+    b->geom.h = h;
+    b->geom.w = w;
+    b->out_h = (int)oh;
+    b->out_w = (int)ow;
+    b->T = T;
+    return KFAC_OK;
+}
+
 kfac_status kfac_block_info_get(const kfac_block *b, kfac_block_info *info)
 {
     if (!b || !info)

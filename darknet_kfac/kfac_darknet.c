@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ctype.h>
+#include <limits.h>
 
 #include "network.h"
 #include "option_list.h"
@@ -158,6 +159,7 @@ static void free_state(kfac_net_state *st)
         free(ls->vel_w); free(ls->vel_b);
         free(ls->scratch_w); free(ls->scratch_b);
         free(ls->scratch2_w); free(ls->scratch2_b);
+        kfac_darknet_ckpt_free(ls);
     }
     for (int i = 0; i < st->nsnap; ++i) free(st->snap[i].saved);
     free(st->snap);
@@ -266,6 +268,39 @@ static void human_bytes(size_t b, char *out, size_t len)
     else snprintf(out, len, "%zu B", b);
 }
 
+/* Default of the [kfac] max_factor_dim policy. A block costs about
+ * 28*(kb^2 + n_g^2) bytes and one inverse about kb^3 + n_g^3 flops: at 8192,
+ * at most ~1.9 GB and ~10 s of inverse on two cores for one layer. In upstream
+ * Darknet's cfg/ every factor is either <= 4609 (3x3x512 + bias: all of
+ * darknet19/53, resnet/resnext, densenet, vgg-16 convs, yolov3) or >= 9216
+ * (3x3x1024 in yolov2/yolov1, alexnet fc6 9217, strided fc 16385, vgg-16 fc6
+ * 25089, extraction22k's 21842 classes), so any value in between gives the
+ * same split; the largest zoo networks then hold 8-10.5 GB of K-FAC state
+ * (yolov3, resnext152), within a 24 GiB machine (docs/zoo.md). */
+#define KFAC_DEFAULT_MAX_FACTOR_DIM 8192
+
+/* The dimensions of a layer's factors as its block would have them. */
+static void factor_dims(const layer *l, int *kb, int *ng)
+{
+    if (l->type == CONVOLUTIONAL) {
+        int groups = l->groups > 0 ? l->groups : 1;
+        *kb = (l->c / groups) * l->size * l->size + !l->batch_normalize;
+        *ng = l->n / groups;
+    } else {
+        *kb = l->inputs + !l->batch_normalize;
+        *ng = l->outputs;
+    }
+}
+
+/* The memory policy: a layer with a factor larger than max_factor_dim (0: no
+ * limit) stays on Darknet's SGD. */
+static int over_max_factor_dim(const layer *l, int max_factor_dim)
+{
+    int kb, ng;
+    factor_dims(l, &kb, &ng);
+    return max_factor_dim > 0 && (kb > max_factor_dim || ng > max_factor_dim);
+}
+
 int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
                            char *err, size_t errlen)
 {
@@ -281,6 +316,7 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
     /* Keys in file order: a repeated key is reported rather than letting the
      * last one win silently. */
     int skip_line = hdr, from = hdr;
+    int max_factor_dim = KFAC_DEFAULT_MAX_FACTOR_DIM;
     for (node *n = options ? options->front : 0; n; n = n->next) {
         kvp *p = (kvp *)n->val;
         p->used = 1;
@@ -292,6 +328,19 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
                 seterr(err, errlen, "%s:%d: [kfac] key '%s' given twice", cfgfile, line, p->key);
                 goto fail;
             }
+        }
+        if (strcmp(p->key, "max_factor_dim") == 0) {
+            /* A network-level policy (which layers get a block), not a
+             * block property: the glue owns it. */
+            char *end = 0;
+            long v = strtol(p->val, &end, 10);
+            if (!*p->val || *end || v < 0 || v > INT_MAX) {
+                seterr(err, errlen, "%s:%d: [kfac] max_factor_dim must be an integer >= 0 "
+                       "(0: no limit), got '%s'", cfgfile, line, p->val);
+                goto fail;
+            }
+            max_factor_dim = (int)v;
+            continue;
         }
         if (kfac_config_set(&st->cfg, p->key, p->val, msg, sizeof msg) != KFAC_OK) {
             /* the library's messages start with its own "kfac: " */
@@ -311,11 +360,8 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
         goto fail;
     }
 #endif
-    if (net->random || (net->n > 0 && net->layers[net->n - 1].random)) {
-        seterr(err, errlen, "%s:%d: [kfac] random=1 resizes the network while training, but "
-               "K-FAC blocks have a fixed geometry: set random=0", cfgfile, hdr);
-        goto fail;
-    }
+    /* random=1 (multi-scale detector training) is supported: a conv block
+     * follows its layer's size at capture time (kfac_conv_block_resize). */
 
     for (int i = 0; i < st->cfg.nskip; ++i) {
         int idx = st->cfg.skip[i];
@@ -352,6 +398,7 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
         layer *l = &net->layers[i];
         if (l->type != CONVOLUTIONAL && l->type != CONNECTED) continue;
         if (in_skip(&st->cfg, i) || l->xnor || l->binary || i < lowest_trained) continue;
+        if (l->learning_rate_scale == 0 || over_max_factor_dim(l, max_factor_dim)) continue;
         kfac_layer_state *ls = &st->layers[st->nlayers];
         ls->net = st;
         ls->index = i;
@@ -407,7 +454,8 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
         ls->scratch_b = alloc_floats(nb, &bytes);
         ls->scratch2_b = alloc_floats(nb, &bytes);
         if (!ls->vel_w || !ls->scratch_w || !ls->scratch2_w ||
-            (nb && (!ls->vel_b || !ls->scratch_b || !ls->scratch2_b))) {
+            (nb && (!ls->vel_b || !ls->scratch_b || !ls->scratch2_b)) ||
+            kfac_darknet_ckpt_alloc(ls, &bytes)) {
             seterr(err, errlen, "%s: out of memory", cfgfile);
             goto fail;
         }
@@ -432,6 +480,10 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
         }
         if (fallback) st->sampled = 0;
     }
+
+    /* Drawn from Darknet's rand() so that runs differ as they did when the
+     * sampled pass called rand_uniform; a resume takes it from the sidecar. */
+    st->seed = ((unsigned long long)(unsigned)rand() << 32) ^ (unsigned)rand();
 
     /* Only now is the state complete enough for the hooks to see it. */
     for (int k = 0; k < st->nlayers; ++k) net->layers[st->layers[k].index].kfac = &st->layers[k];
@@ -462,15 +514,26 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
                     a, g, ls->info.groups, ls->bias ? "yes" : "no", mem,
                     l->learning_rate_scale != 1 ? "  (per-layer learning_rate ignored)" : "");
         } else {
+            int kb, ng;
+            factor_dims(l, &kb, &ng);
+            if (!in_skip(&st->cfg, i) && !l->xnor && !l->binary && i >= lowest_trained &&
+                l->learning_rate_scale != 0) {
+                fprintf(stderr, "  %5d  %-10s %9s  %10s  SGD (factor %d > max_factor_dim %d)\n",
+                        i, layer_name(l->type), "", "", kb > ng ? kb : ng, max_factor_dim);
+                continue;
+            }
             const char *r = in_skip(&st->cfg, i) ? "skip"
                             : (l->xnor || l->binary) ? "xnor/binary"
-                            : "below stopbackward";
+                            : i < lowest_trained ? "below stopbackward"
+                            : "frozen: learning_rate=0";
             fprintf(stderr, "  %5d  %-10s  SGD (%s)\n", i, layer_name(l->type), r);
         }
     }
     char mem[32];
     human_bytes(st->bytes, mem, sizeof mem);
-    fprintf(stderr, "K-FAC: %d layer(s), %s in all\n", st->nlayers, mem);
+    fprintf(stderr, "K-FAC: %d layer(s), %s in all; max_factor_dim %d%s\n", st->nlayers, mem,
+            max_factor_dim, max_factor_dim ? " (larger layers: Darknet's SGD)" : " (no limit)");
+    fprintf(stderr, "K-FAC: batch-norm scales/shifts keep Darknet's own SGD update\n");
     return 0;
 
 fail:
@@ -499,11 +562,17 @@ void kfac_capture_conv_cpu(layer l, network net, int i, int j,
     kfac_layer_state *ls = (kfac_layer_state *)l.kfac;
     kfac_net_state *st = ls->net;
     if (!net.train || !kfac_is_stats_step(&net)) return;
-    if (l.out_h != ls->info.out_h || l.out_w != ls->info.out_w)
-        kfac_die("layer %d changed size to %dx%d (resize_network?); its K-FAC block is %dx%d",
-                 ls->index, l.out_w, l.out_h, ls->info.out_w, ls->info.out_h);
-    double t0 = what_time_is_it_now();
     kfac_status s;
+    if (l.out_h != ls->info.out_h || l.out_w != ls->info.out_w) {
+        /* resize_network (random=1) happens between steps, so no statistics
+         * are pending here; only T and the patch workspace change. */
+        if ((s = kfac_conv_block_resize(ls->block, l.h, l.w)) != KFAC_OK ||
+            (s = kfac_block_info_get(ls->block, &ls->info)) != KFAC_OK ||
+            ls->info.out_h != l.out_h || ls->info.out_w != l.out_w)
+            kfac_die("layer %d: its K-FAC block cannot follow the new size %dx%d: %s", ls->index,
+                     l.w, l.h, kfac_status_str(s));
+    }
+    double t0 = what_time_is_it_now();
     /* The sampled pass reuses the same inputs, so A is taken once, from the
      * normal pass; G comes from whichever pass carries the Fisher targets. */
     if (!st->in_sampled_pass &&
@@ -533,6 +602,17 @@ void kfac_capture_connected_cpu(layer l, network net)
 
 /* ------------------------------------------------------------ sampled pass */
 
+/* splitmix64's finaliser: the label draws are a pure function of (seed,
+ * step, example, softmax group), so a resumed run draws what an
+ * uninterrupted one would have, whatever else called rand() meanwhile. */
+static unsigned long long mix64(unsigned long long x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
 void kfac_backward_network_cpu(network *netp)
 {
     kfac_net_state *st = (kfac_net_state *)netp->kfac;
@@ -556,11 +636,17 @@ void kfac_backward_network_cpu(network *netp)
     layer sm = netp->layers[st->softmax_index];
     int groups = sm.groups > 0 ? sm.groups : 1;
     int gs = sm.inputs / groups;
+    long step = kfac_current_step(netp);
+    /* first example of this datum within its step (subdivisions) */
+    unsigned long long ex0 = (unsigned long long)(*netp->seen - netp->batch) -
+                             (unsigned long long)step * netp->batch * netp->subdivisions;
+    unsigned long long key = mix64(st->seed ^ mix64((unsigned long long)step));
     for (int b = 0; b < sm.batch; ++b) {
         for (int g = 0; g < groups; ++g) {
             const float *p = sm.output + (size_t)b * sm.inputs + (size_t)g * gs;
             float *d = sm.delta + (size_t)b * sm.inputs + (size_t)g * gs;
-            float u = rand_uniform(0, 1), cum = 0;
+            unsigned long long r = mix64(key ^ mix64((ex0 + b) * (unsigned long long)groups + g));
+            float u = (float)(r >> 40) * (1.0f / 16777216.0f), cum = 0; /* [0, 1) */
             int y = gs - 1;
             for (int c = 0; c < gs; ++c) {
                 cum += p[c];
@@ -636,7 +722,9 @@ void kfac_update_network_cpu(network *net, update_args a)
         kfac_layer_state *ls = &st->layers[k];
         if (step % st->cfg.invert_every == 0 || st->steps_run == 0 ||
             !kfac_block_has_inverse(ls->block)) {
-            if ((s = kfac_block_update_inverses(ls->block)) != KFAC_OK) {
+            if ((s = kfac_block_update_inverses(ls->block)) == KFAC_OK) {
+                kfac_darknet_note_inverse(ls);
+            } else {
                 ++inv_failed; ++ls->failures;
                 if (first_bad < 0) first_bad = ls->index;
                 fprintf(stderr, "K-FAC: layer %d: inverse update failed (%s), %s\n", ls->index,
@@ -647,6 +735,42 @@ void kfac_update_network_cpu(network *net, update_args a)
     }
     double t2 = what_time_is_it_now();
     st->t_inv = t2 - t1;
+
+    /* A failed step changes no K-FAC weight (sem. 5): rejected statistics, a
+     * failed inverse or a non-finite gradient in any K-FAC layer skips the
+     * whole step, so no layer moves on a step another one rejected. The
+     * gradients are dropped with it rather than carried into the next step.
+     * (A non-finite Delta from a finite g is caught per layer by kfac_step.) */
+    int bad_grad = -1;
+    for (k = 0; k < st->nlayers && bad_grad < 0; ++k) {
+        kfac_layer_state *ls = &st->layers[k];
+        layer *l = &net->layers[ls->index];
+        if (!all_finite(l->weight_updates, ls->nweights) ||
+            !all_finite(l->bias_updates, ls->nbiases) ||
+            (l->scale_updates && !all_finite(l->scale_updates, ls->nbiases)))
+            bad_grad = k;
+    }
+    int skip_step = cov_failed || inv_failed || bad_grad >= 0;
+    if (skip_step) {
+        if (bad_grad >= 0) {
+            ++st->layers[bad_grad].failures;
+            if (first_bad < 0) first_bad = st->layers[bad_grad].index;
+        }
+        for (k = 0; k < st->nlayers; ++k) {
+            kfac_layer_state *ls = &st->layers[k];
+            layer *l = &net->layers[ls->index];
+            fill_cpu(ls->nweights, 0, l->weight_updates, 1);
+            fill_cpu(ls->nbiases, 0, l->bias_updates, 1);
+            if (l->scale_updates) fill_cpu(ls->nbiases, 0, l->scale_updates, 1);
+        }
+        char why[128];
+        snprintf(why, sizeof why, "%s%s", cov_failed ? ", statistics rejected" : "",
+                 inv_failed ? ", inverse failed" : "");
+        if (bad_grad >= 0)
+            snprintf(why + strlen(why), sizeof why - strlen(why),
+                     ", non-finite gradient in layer %d", st->layers[bad_grad].index);
+        fprintf(stderr, "K-FAC: step %ld skipped (%s): no K-FAC weight changed\n", step, why + 2);
+    }
 
     for (k = 0; k < st->nlayers; ++k) {
         kfac_layer_state *ls = &st->layers[k];
@@ -674,7 +798,7 @@ void kfac_update_network_cpu(network *net, update_args a)
     kfac_step_report rep;
     memset(&rep, 0, sizeof rep);
     rep.first_skipped = -1;
-    if ((s = kfac_step(st->refs, st->nlayers, &args, &rep)) != KFAC_OK)
+    if (!skip_step && (s = kfac_step(st->refs, st->nlayers, &args, &rep)) != KFAC_OK)
         kfac_die("K-FAC step rejected its arguments: %s", kfac_status_str(s));
     if (rep.skipped > 0) {
         /* kfac_step names only the first skipped layer */
@@ -688,7 +812,7 @@ void kfac_update_network_cpu(network *net, update_args a)
 
     /* Batch-norm scales and shifts are not in the block: Darknet's own SGD
      * lines (update_convolutional_layer / update_connected_layer). */
-    for (k = 0; k < st->nlayers; ++k) {
+    for (k = 0; k < st->nlayers && !skip_step; ++k) {
         kfac_layer_state *ls = &st->layers[k];
         layer *l = &net->layers[ls->index];
         if (ls->bias) continue;
@@ -712,12 +836,12 @@ void kfac_update_network_cpu(network *net, update_args a)
     }
     st->t_precond = what_time_is_it_now() - t2;
 
-    int failed = cov_failed || inv_failed || bn_failed || rep.skipped > 0;
+    int failed = skip_step || bn_failed || rep.skipped > 0;
     st->consecutive_failures = failed ? st->consecutive_failures + 1 : 0;
     if (failed) st->total_failures++;
     st->last_step = step;
     st->last_nu = rep.nu;
-    st->last_skipped = rep.skipped;
+    st->last_skipped = skip_step ? st->nlayers : rep.skipped;
     st->last_cov_failed = cov_failed;
     st->last_inv_failed = inv_failed;
     st->steps_run++;

@@ -36,6 +36,11 @@ typedef struct kfac_layer_state {
     float *scratch_w, *scratch_b, *scratch2_w, *scratch2_b;
     size_t bytes;           /* block + buffers allocated here */
     int failures;           /* steps on which this layer failed (total) */
+    /* Factors as of the last successful update_inverses (groups*kb*kb and
+     * groups*n_g*n_g) and the block's out_h x out_w then: a sidecar stores
+     * them so that a resume recomputes the very same inverse. */
+    double *inv_A, *inv_G;
+    int inv_out_h, inv_out_w;
 } kfac_layer_state;
 
 /* One gradient accumulator saved around the sampled pass. */
@@ -61,7 +66,9 @@ typedef struct kfac_net_state {
     /* per-step bookkeeping */
     int in_sampled_pass;    /* captures G only, accumulators are restored */
     int ready;              /* every block has factors and an inverse */
-    long steps_run;         /* updates done by this process */
+    long steps_run;         /* updates done (restored from a sidecar on resume) */
+    unsigned long long seed; /* keys the sampled pass's label draws (with the
+                                step and example), saved in the sidecar */
     int consecutive_failures;
     long total_failures;
     double t_stats, t_inv, t_precond; /* seconds in the last step */
@@ -109,6 +116,35 @@ void kfac_print_progress(network *net);
 
 /* Frees net->kfac and clears every layer's kfac pointer. */
 void kfac_free_network(network *net);
+
+/* ---- checkpoints (kfac_darknet_ckpt.c) ---- */
+
+/* parser.c, save_weights_upto, after the weights file is in place: writes
+ * "<weights>.kfac" atomically (tmp + rename). Nothing without net->kfac. On
+ * a write failure prints the reason and exits 1, as Darknet does for the
+ * weights file itself. */
+void kfac_darknet_save_sidecar(network *net, const char *weightsfile);
+/* parser.c, load_weights_upto, after a whole-network load: restores the
+ * state from "<weights>.kfac". Missing: a warning, K-FAC starts fresh.
+ * Corrupt, truncated, stale or from another cfg: message and exit 1. */
+void kfac_darknet_load_sidecar(network *net, const char *weightsfile);
+/* The same without printing or exiting: 0 loaded, 1 no sidecar (state
+ * untouched), -1 refused with a one-line message in err (state untouched
+ * unless the message says the restore itself failed). */
+int kfac_darknet_load_sidecar_err(network *net, const char *weightsfile,
+                                  char *err, size_t errlen);
+int kfac_darknet_save_sidecar_err(network *net, const char *weightsfile,
+                                  char *err, size_t errlen);
+/* 1 when every weight, bias, scale and rolling statistic that
+ * save_weights_upto(net, cutoff) writes is finite; else 0 and a message
+ * naming the first bad layer and array. Used with or without K-FAC. */
+int kfac_darknet_weights_finite(network *net, int cutoff, char *err, size_t errlen);
+/* The glue's side: allocation of the inverse snapshot at setup (0 or -1 out
+ * of memory; adds to *bytes), its release, and the copy taken after each
+ * successful update_inverses. */
+int kfac_darknet_ckpt_alloc(kfac_layer_state *ls, size_t *bytes);
+void kfac_darknet_ckpt_free(kfac_layer_state *ls);
+void kfac_darknet_note_inverse(kfac_layer_state *ls);
 
 /* ---- helpers shared with the CLI and tests ---- */
 
