@@ -22,8 +22,9 @@
  *    unspecified unless stated and the block's state is unchanged.
  *  - NULL: a NULL block/config pointer gives KFAC_ERR_NULL. A NULL bias
  *    pointer is allowed exactly when the block has no bias.
- *  - Allocation happens in kfac_*_create() and kfac_block_register_*(); no
- *    function called per training step allocates.
+ *  - Allocation happens in kfac_*_create(), kfac_block_register_*(),
+ *    kfac_conv_block_resize() and the checkpoint functions; no function
+ *    called per training step allocates.
  *  - Nothing in the library prints or exits; messages are returned.
  */
 #ifndef KFAC_H
@@ -41,7 +42,7 @@ typedef enum {
     KFAC_OK = 0,
     KFAC_ERR_NULL,          /* a required pointer was NULL */
     KFAC_ERR_INVALID_ARG,   /* a value out of range or an inconsistent shape */
-    KFAC_ERR_NOMEM,         /* allocation failed (create/register only) */
+    KFAC_ERR_NOMEM,         /* allocation failed (create/register/resize, checkpoint load) */
     KFAC_ERR_STATE,         /* call made in the wrong state (e.g. no inverse yet) */
     KFAC_ERR_NOT_FINITE,    /* NaN/Inf in statistics, factors, inverse or update */
     KFAC_ERR_LAPACK,        /* a decomposition failed even after retries */
