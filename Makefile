@@ -55,6 +55,8 @@ else
   DN   := $(BUILD)/darknet
 endif
 DN_TESTS    := $(wildcard tests/test_darknet*.c)
+# The sanitized suite gets a sanitized copy (its bad-data-file tests run it).
+DEMO_BIN := $(if $(filter 1,$(SANITIZE)),$(OUT)/kfac_demo,$(BUILD)/kfac_demo)
 DN_TEST_BIN := $(patsubst tests/%.c,$(OUT)/dntests/%,$(DN_TESTS))
 
 .PHONY: all deps lib test test-lib test-darknet darknet gpu-build-check demo bench clean distclean
@@ -114,7 +116,7 @@ $(OUT)/dntests/%: tests/%.c $(TEST_HELPERS) $(wildcard tests/*.h) darknet
 	$(CC) $(CFLAGS_KFAC) -I$(DN)/include -I$(DN)/src -Itests $< $(TEST_HELPERS) $(DN)/libdarknet.a \
 	  -lcmocka $(LDLIBS_KFAC) -lpthread -o $@
 
-test-darknet: $(DN_TEST_BIN)
+test-darknet: $(DN_TEST_BIN) $(DEMO_BIN)
 	@scripts/run-tests.sh $(DN_TEST_BIN)
 
 test: deps
@@ -135,8 +137,9 @@ gpu-build-check:
 # ------------------------------------------------------------------ demo/bench
 # demo program: reads the Fashion-MNIST IDX files (zlib) into Darknet and
 # logs accuracy vs iterations/seconds; relinked whenever darknet is remade.
-$(BUILD)/kfac_demo: darknet_kfac/demo/kfac_demo.c darknet
-	@scripts/deps.sh $(DEPS_DEMO)
+# demo program binary (DEMO_BIN above)
+$(DEMO_BIN): darknet_kfac/demo/kfac_demo.c darknet
+	@scripts/deps.sh zlib1g-dev
 	$(CC) -std=gnu99 -O2 -g -Wall -Wextra -Wno-unused-parameter $(SANFLAGS) darknet_kfac/demo/kfac_demo.c -o $@ \
 	  -I$(DN)/include -I$(DN)/src $(DN)/libdarknet.a -llapacke -lopenblas -lm -lpthread -lz
 
@@ -144,7 +147,7 @@ demo: darknet
 	@scripts/deps.sh $(DEPS_DEMO)
 	scripts/demo.sh
 
-bench: darknet
+bench: darknet lib
 	@scripts/deps.sh $(DEPS_DEMO)
 	scripts/bench.sh
 

@@ -90,5 +90,18 @@ END {
     ub = gsec["sgd_upstream"] / git["sgd_upstream"]; bb = gsec["sgd_blas"] / git["sgd_blas"]
     printf "%-44s upstream %.4f s, BLAS %.4f s\n", "SGD step time (" git["sgd_blas"] " steps)", ub, bb
     r = ub / bb
-    printf "%-44s %8.3f  [target >= 2: %s]\n", "SGD step upstream-gemm/BLAS", r, r >= 2 ? "met" : "NOT met"
+    printf "%-44s %8.3f  [target >= 2: %s]\n", "SGD step upstream-gemm/BLAS", r, (r >= 2 ? "met" : "NOT met")
 }' "$out/results.csv" "$out/gemm.csv"
+
+# Where K-FAC's time goes, per phase, from the glue's per-step line
+# (statistics include the sampled backward pass; amortised over all steps).
+echo
+grep '^kfac ' "$out/kfac.log" | awk -F'[ ,;]+' '{
+    for (i = 1; i <= NF; ++i) { if ($i == "stats") s += $(i+1); if ($i == "inverses") v += $(i+1); if ($i == "precond") p += $(i+1) }
+    n++ } END { if (n) printf "K-FAC seconds per step, amortised: statistics %.4f, inverses %.4f, preconditioning %.4f (%d steps)\n", s/n, v/n, p/n, n }'
+
+# The cost of each inverse path on the demo's layers (library only).
+${CC:-cc} -std=gnu99 -O2 -Idarknet_kfac darknet_kfac/demo/kfac_bench_inv.c build/rel/libkfac.a \
+    -llapacke -lopenblas -lm -o "$out/kfac_bench_inv"
+echo
+"$out/kfac_bench_inv"
