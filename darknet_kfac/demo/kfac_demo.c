@@ -379,7 +379,8 @@ static void export_split(idx_set s, const char *out, const char *split)
         for (int k = 0; k < s.rows * s.cols; ++k) im.data[k] = p[k] / 255.0f;
         snprintf(path, sizeof path, "%s/%05d_%s", dir, i, LABELS[s.lb[i]]);
         check_one_label(path, s.lb[i]);
-        save_image(im, path);  /* appends .png */
+        /* lossless, and the extension the list names (save_image would write JPEG) */
+        save_image_options(im, path, PNG, 0);
         fprintf(lf, "%s.png\n", path);
     }
     free_image(im);
