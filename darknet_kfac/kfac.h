@@ -81,6 +81,9 @@ typedef struct {
     kfac_damping_type    damping_type;     /* default factored */
     int    skip[KFAC_MAX_SKIP]; /* layer indices left on SGD */
     int    nskip;
+    int    max_factor_dim;     /* >= 0; a layer whose A or G factor is larger stays
+                                  on SGD (the caller's policy), 0 = no limit,
+                                  default 8192 */
     int    max_failures;       /* consecutive failed steps before training stops,
                                   >= 1, default 10 */
 } kfac_config;

@@ -31,6 +31,9 @@ void kfac_config_default(kfac_config *cfg)
     cfg->damping_type = KFAC_DAMPING_FACTORED;
     cfg->nskip = 0;
     cfg->max_failures = 10;
+    /* Every factor in upstream Darknet's cfg/ is <= 4609 or >= 9216, so any
+     * value in between gives the same split; see docs/zoo.md. */
+    cfg->max_factor_dim = 8192;
 }
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -160,6 +163,7 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
     DOUBLE_KEY(norm_constraint, d >= 0.0, "a number >= 0, 0 disables")
     DOUBLE_KEY(momentum, d < 1.0, "a number in [0, 1), or < 0 for the [net] momentum")
     INT_KEY(max_failures, i >= 1, "an integer >= 1")
+    INT_KEY(max_factor_dim, i >= 0, "an integer >= 0, 0 for no limit")
 #undef DOUBLE_KEY
 #undef INT_KEY
 
@@ -207,7 +211,7 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
     set_err(err, errlen,
             "kfac: unknown key '%s' (allowed: damping, cov_ema_decay, cov_update_every, "
             "invert_every, norm_constraint, momentum, estimation_mode, damping_type, skip, "
-            "max_failures)",
+            "max_factor_dim, max_failures)",
             key);
     return KFAC_ERR_UNKNOWN_KEY;
 }
@@ -244,5 +248,7 @@ const char *kfac_config_check(const kfac_config *cfg)
     }
     if (cfg->max_failures < 1)
         return "max_failures must be >= 1";
+    if (cfg->max_factor_dim < 0)
+        return "max_factor_dim must be >= 0";
     return NULL;
 }

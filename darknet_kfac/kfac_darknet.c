@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ctype.h>
-#include <limits.h>
 
 #include "network.h"
 #include "option_list.h"
@@ -268,17 +267,16 @@ static void human_bytes(size_t b, char *out, size_t len)
     else snprintf(out, len, "%zu B", b);
 }
 
-/* Default of the [kfac] max_factor_dim policy. A block costs about
- * 28*(kb^2 + n_g^2) bytes and one inverse about kb^3 + n_g^3 flops: at 8192,
- * at most ~1.9 GB and ~10 s of inverse on two cores for one layer. In upstream
+/* The [kfac] max_factor_dim policy (default 8192 in kfac_config_default). A
+ * block costs about 28*(kb^2 + n_g^2) bytes and one inverse about
+ * kb^3 + n_g^3 flops: at 8192, at most ~1.9 GB and ~10 s of inverse on two
+ * cores for one layer. In upstream
  * Darknet's cfg/ every factor is either <= 4609 (3x3x512 + bias: all of
  * darknet19/53, resnet/resnext, densenet, vgg-16 convs, yolov3) or >= 9216
  * (3x3x1024 in yolov2/yolov1, alexnet fc6 9217, strided fc 16385, vgg-16 fc6
  * 25089, extraction22k's 21842 classes), so any value in between gives the
  * same split; the largest zoo networks then hold 8-10.5 GB of K-FAC state
  * (yolov3, resnext152), within a 24 GiB machine (docs/zoo.md). */
-#define KFAC_DEFAULT_MAX_FACTOR_DIM 8192
-
 /* The dimensions of a layer's factors as its block would have them. */
 static void factor_dims(const layer *l, int *kb, int *ng)
 {
@@ -316,7 +314,6 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
     /* Keys in file order: a repeated key is reported rather than letting the
      * last one win silently. */
     int skip_line = hdr, from = hdr;
-    int max_factor_dim = KFAC_DEFAULT_MAX_FACTOR_DIM;
     for (node *n = options ? options->front : 0; n; n = n->next) {
         kvp *p = (kvp *)n->val;
         p->used = 1;
@@ -328,19 +325,6 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
                 seterr(err, errlen, "%s:%d: [kfac] key '%s' given twice", cfgfile, line, p->key);
                 goto fail;
             }
-        }
-        if (strcmp(p->key, "max_factor_dim") == 0) {
-            /* A network-level policy (which layers get a block), not a
-             * block property: the glue owns it. */
-            char *end = 0;
-            long v = strtol(p->val, &end, 10);
-            if (!*p->val || *end || v < 0 || v > INT_MAX) {
-                seterr(err, errlen, "%s:%d: [kfac] max_factor_dim must be an integer >= 0 "
-                       "(0: no limit), got '%s'", cfgfile, line, p->val);
-                goto fail;
-            }
-            max_factor_dim = (int)v;
-            continue;
         }
         if (kfac_config_set(&st->cfg, p->key, p->val, msg, sizeof msg) != KFAC_OK) {
             /* the library's messages start with its own "kfac: " */
@@ -398,7 +382,7 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
         layer *l = &net->layers[i];
         if (l->type != CONVOLUTIONAL && l->type != CONNECTED) continue;
         if (in_skip(&st->cfg, i) || l->xnor || l->binary || i < lowest_trained) continue;
-        if (l->learning_rate_scale == 0 || over_max_factor_dim(l, max_factor_dim)) continue;
+        if (l->learning_rate_scale == 0 || over_max_factor_dim(l, st->cfg.max_factor_dim)) continue;
         kfac_layer_state *ls = &st->layers[st->nlayers];
         ls->net = st;
         ls->index = i;
@@ -519,7 +503,7 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
             if (!in_skip(&st->cfg, i) && !l->xnor && !l->binary && i >= lowest_trained &&
                 l->learning_rate_scale != 0) {
                 fprintf(stderr, "  %5d  %-10s %9s  %10s  SGD (factor %d > max_factor_dim %d)\n",
-                        i, layer_name(l->type), "", "", kb > ng ? kb : ng, max_factor_dim);
+                        i, layer_name(l->type), "", "", kb > ng ? kb : ng, st->cfg.max_factor_dim);
                 continue;
             }
             const char *r = in_skip(&st->cfg, i) ? "skip"
@@ -532,7 +516,7 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
     char mem[32];
     human_bytes(st->bytes, mem, sizeof mem);
     fprintf(stderr, "K-FAC: %d layer(s), %s in all; max_factor_dim %d%s\n", st->nlayers, mem,
-            max_factor_dim, max_factor_dim ? " (larger layers: Darknet's SGD)" : " (no limit)");
+            st->cfg.max_factor_dim, st->cfg.max_factor_dim ? " (larger layers: Darknet's SGD)" : " (no limit)");
     fprintf(stderr, "K-FAC: batch-norm scales/shifts keep Darknet's own SGD update\n");
     return 0;
 

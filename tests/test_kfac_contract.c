@@ -43,7 +43,8 @@ static int config_equal(const kfac_config *a, const kfac_config *b)
         return 0;
     if (a->cov_update_every != b->cov_update_every || a->invert_every != b->invert_every ||
         a->estimation_mode != b->estimation_mode || a->damping_type != b->damping_type ||
-        a->nskip != b->nskip || a->max_failures != b->max_failures)
+        a->nskip != b->nskip || a->max_failures != b->max_failures ||
+        a->max_factor_dim != b->max_factor_dim)
         return 0;
     for (int i = 0; i < KFAC_MAX_SKIP; i++)
         if (a->skip[i] != b->skip[i])
@@ -86,13 +87,14 @@ static void test_config_default_and_check(void **state)
     assert_int_equal(c.damping_type, KFAC_DAMPING_FACTORED);
     assert_int_equal(c.nskip, 0);
     assert_int_equal(c.max_failures, 10);
+    assert_int_equal(c.max_factor_dim, 8192);
     assert_null(kfac_config_check(&c));
 
     /* each field out of range: a message naming that field */
     static const char *const bad_field[] = {
         "damping", "damping", "damping", "cov_ema_decay", "cov_ema_decay", "cov_update_every",
         "invert_every", "norm_constraint", "momentum", "estimation_mode", "damping_type",
-        "skip", "skip", "max_failures",
+        "skip", "skip", "max_failures", "max_factor_dim",
     };
     for (int i = 0; i < (int)(sizeof bad_field / sizeof *bad_field); i++) {
         kfac_config_default(&c);
@@ -111,6 +113,7 @@ static void test_config_default_and_check(void **state)
         case 11: c.nskip = -1; break;
         case 12: c.nskip = KFAC_MAX_SKIP + 1; break;
         case 13: c.max_failures = 0; break;
+        case 14: c.max_factor_dim = -1; break;
         }
         const char *m = kfac_config_check(&c);
         if (!m)
@@ -197,6 +200,10 @@ static void test_config_set_strict(void **state)
         {"max_failures", "3", KFAC_OK, 0},
         {"max_failures", "0", KFAC_ERR_INVALID_ARG, 0},
         {"max_failures", "3.0", KFAC_ERR_PARSE, 0},
+        {"max_factor_dim", "0", KFAC_OK, 0},
+        {"max_factor_dim", "512", KFAC_OK, 0},
+        {"max_factor_dim", "-1", KFAC_ERR_INVALID_ARG, 0},
+        {"max_factor_dim", "1e3", KFAC_ERR_PARSE, 0},
         {"skip", "x", KFAC_ERR_PARSE, 1},
         {"skip", "1,x", KFAC_ERR_PARSE, 1},
         {"dampingx", "0.01", KFAC_ERR_UNKNOWN_KEY, 0},
@@ -245,6 +252,7 @@ static void test_config_set_strict(void **state)
         else if (!strcmp(k, "norm_constraint")) assert_true(c.norm_constraint == v);
         else if (!strcmp(k, "momentum")) assert_true(c.momentum == v);
         else if (!strcmp(k, "max_failures")) assert_int_equal(c.max_failures, (int)v);
+        else if (!strcmp(k, "max_factor_dim")) assert_int_equal(c.max_factor_dim, (int)v);
         else if (!strcmp(k, "estimation_mode"))
             assert_int_equal(c.estimation_mode, !strcmp(t->value, "empirical")
                                                     ? KFAC_ESTIMATION_EMPIRICAL
@@ -317,7 +325,7 @@ static void test_config_set_null_and_truncation(void **state)
 
 static const char *const fuzz_keys[] = {
     "damping", "cov_ema_decay", "cov_update_every", "invert_every", "norm_constraint",
-    "momentum", "estimation_mode", "damping_type", "skip", "max_failures",
+    "momentum", "estimation_mode", "damping_type", "skip", "max_failures", "max_factor_dim",
 };
 #define N_FUZZ_KEYS ((int)(sizeof fuzz_keys / sizeof *fuzz_keys))
 static const char *const fuzz_values[] = {
