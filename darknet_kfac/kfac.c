@@ -53,6 +53,10 @@ struct kfac_block {
 
     /* live/stage pairs, swapped on a successful update_inverses */
     double *Ainv, *Ginv, *Ainv_st, *Ginv_st;           /* factored inverse */
+    /* precond_precision float: copies of the live factored inverse and the
+     * product workspaces, so the per-step products run in sgemm */
+    int float_inv;
+    float *Ainv_f, *Ginv_f, *fv0, *fv1;
     double *EA, *dA, *EG, *dG, *EA_st, *dA_st, *EG_st, *dG_st; /* Q^T rows, eigvals */
     double *lamA, *lamG, *lamA_st, *lamG_st;           /* per group, as used */
 
@@ -158,8 +162,9 @@ void kfac_block_free(kfac_block *b)
                        b->lwork};
     for (size_t i = 0; i < sizeof dbufs / sizeof dbufs[0]; i++)
         KFAC_FREE(dbufs[i]);
-    KFAC_FREE(b->sumA);
-    KFAC_FREE(b->sumG);
+    float *fbufs[] = {b->sumA, b->sumG, b->Ainv_f, b->Ginv_f, b->fv0, b->fv1};
+    for (size_t i = 0; i < sizeof fbufs / sizeof fbufs[0]; i++)
+        KFAC_FREE(fbufs[i]);
     KFAC_FREE(b->patches);
     KFAC_FREE(b->ones);
     KFAC_FREE(b->liwork);
@@ -191,6 +196,7 @@ static kfac_status block_alloc_common(kfac_block *b, const kfac_config *cfg, siz
     b->nparams = (size_t)G * b->n_g * b->kb;
     b->dtype = cfg_dtype(cfg);
     b->lam = cfg ? cfg->damping : 0.001;
+    b->float_inv = cfg ? cfg->precond_precision == KFAC_PRECISION_FLOAT : 1;
     b->num_towers = 1;
     b->sumA = balloc(b, (size_t)G * sqsz(b->kb), sizeof(float));
     b->sumG = balloc(b, (size_t)G * sqsz(b->n_g), sizeof(float));
@@ -761,21 +767,35 @@ static kfac_status ensure_inv(kfac_block *b)
     kfac_status st = ensure_lapack_ws(b);
     if (st != KFAC_OK)
         return st;
-    const size_t G = (size_t)b->groups;
+    const size_t G = (size_t)b->groups, nA = G * sqsz(b->kb), nG = G * sqsz(b->n_g);
+    const size_t nv = (size_t)b->n_g * b->kb;
     size_t before = b->bytes;
     double *p[4] = {0};
-    p[0] = balloc(b, G * sqsz(b->kb), sizeof(double));
-    p[1] = balloc(b, G * sqsz(b->n_g), sizeof(double));
-    p[2] = balloc(b, G * sqsz(b->kb), sizeof(double));
-    p[3] = balloc(b, G * sqsz(b->n_g), sizeof(double));
+    float *f[4] = {0};
+    p[0] = balloc(b, nA, sizeof(double));
+    p[1] = balloc(b, nG, sizeof(double));
+    p[2] = balloc(b, nA, sizeof(double));
+    p[3] = balloc(b, nG, sizeof(double));
     for (int i = 0; i < 4; i++)
         if (!p[i])
             goto fail;
+    if (b->float_inv) {
+        f[0] = balloc(b, nA, sizeof(float));
+        f[1] = balloc(b, nG, sizeof(float));
+        f[2] = balloc(b, nv, sizeof(float));
+        f[3] = balloc(b, nv, sizeof(float));
+        for (int i = 0; i < 4; i++)
+            if (!f[i])
+                goto fail;
+    }
     b->Ainv = p[0]; b->Ginv = p[1]; b->Ainv_st = p[2]; b->Ginv_st = p[3];
+    b->Ainv_f = f[0]; b->Ginv_f = f[1]; b->fv0 = f[2]; b->fv1 = f[3];
     return KFAC_OK;
 fail:
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4; i++) {
         KFAC_FREE(p[i]);
+        KFAC_FREE(f[i]);
+    }
     b->bytes = before;
     return KFAC_ERR_NOMEM;
 }
@@ -867,6 +887,12 @@ static kfac_status eig_factor(kfac_block *b, const double *M, int n, double *E, 
     return KFAC_OK;
 }
 
+static void to_float(const double *x, float *y, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        y[i] = (float)x[i];
+}
+
 #define SWAP(x, y) do { double *t_ = (x); (x) = (y); (y) = t_; } while (0)
 
 kfac_status kfac_block_update_inverses(kfac_block *b)
@@ -904,6 +930,11 @@ kfac_status kfac_block_update_inverses(kfac_block *b)
                 return st;
         }
     }
+    /* An inverse whose float copy would overflow is a failed update too. */
+    if (chol && b->float_inv &&
+        (!all_float_range(b->Ainv_st, (size_t)b->groups * sqsz(b->kb)) ||
+         !all_float_range(b->Ginv_st, (size_t)b->groups * sqsz(b->n_g))))
+        return KFAC_ERR_NOT_FINITE;
     /* Everything succeeded: the staged results become the live ones. */
     SWAP(b->lamA, b->lamA_st);
     SWAP(b->lamG, b->lamG_st);
@@ -917,6 +948,10 @@ kfac_status kfac_block_update_inverses(kfac_block *b)
     if (chol) {
         SWAP(b->Ainv, b->Ainv_st);
         SWAP(b->Ginv, b->Ginv_st);
+        if (b->float_inv) {
+            to_float(b->Ainv, b->Ainv_f, (size_t)b->groups * sqsz(b->kb));
+            to_float(b->Ginv, b->Ginv_f, (size_t)b->groups * sqsz(b->n_g));
+        }
     }
     if (b->inv_registered)
         b->has_inverse = 1;
@@ -957,6 +992,25 @@ static void store_group(const kfac_block *b, int j, const double *V, float *w, f
             dst[c] = (float)src[c];
         if (b->bias)
             bias[(size_t)j * b->n_g + r] = (float)src[b->k];
+    }
+}
+
+/* The float twins of load_group/store_group, for the float product path. */
+static void load_group_f(const kfac_block *b, int j, const float *w, const float *bias, float *V)
+{
+    for (int r = 0; r < b->n_g; r++) {
+        memcpy(V + (size_t)r * b->kb, w + ((size_t)j * b->n_g + r) * b->k, sizeof(float) * b->k);
+        if (b->bias)
+            V[(size_t)r * b->kb + b->k] = bias[(size_t)j * b->n_g + r];
+    }
+}
+
+static void store_group_f(const kfac_block *b, int j, const float *V, float *w, float *bias)
+{
+    for (int r = 0; r < b->n_g; r++) {
+        memcpy(w + ((size_t)j * b->n_g + r) * b->k, V + (size_t)r * b->kb, sizeof(float) * b->k);
+        if (b->bias)
+            bias[(size_t)j * b->n_g + r] = V[(size_t)r * b->kb + b->k];
     }
 }
 
@@ -1043,6 +1097,21 @@ kfac_status kfac_block_multiply_inverse(kfac_block *b, const float *v_w, const f
         return KFAC_ERR_STATE;
     const int m = b->n_g, n = b->kb;
     const size_t mn = (size_t)m * n;
+    if (b->dtype == KFAC_DAMPING_FACTORED && b->float_inv) {
+        /* Group j is loaded before its rows of out are stored, and no other
+         * group reads them, so out may alias v. */
+        for (int j = 0; j < b->groups; j++) {
+            load_group_f(b, j, v_w, v_b, b->fv0);
+            kl_sgemm(0, 0, m, n, m, 1.0f, b->Ginv_f + (size_t)j * sqsz(m), m, b->fv0, n, 0.0f,
+                     b->fv1, n);
+            kl_sgemm(0, 0, m, n, n, (float)(1.0 / b->T), b->fv1, n,
+                     b->Ainv_f + (size_t)j * sqsz(n), n, 0.0f, b->fv0, n);
+            if (!all_finite_f(b->fv0, mn))
+                return KFAC_ERR_NOT_FINITE;
+            store_group_f(b, j, b->fv0, out_w, out_b);
+        }
+        return KFAC_OK;
+    }
     for (int j = 0; j < b->groups; j++) {
         load_group(b, j, v_w, v_b, b->v0);
         if (b->dtype == KFAC_DAMPING_FACTORED) {

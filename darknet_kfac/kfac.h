@@ -67,6 +67,11 @@ typedef enum {
     KFAC_ESTIMATION_EMPIRICAL    /* data labels: the normal backward pass */
 } kfac_estimation_mode;
 
+typedef enum {
+    KFAC_PRECISION_FLOAT = 0, /* factored inverses applied from float copies (sgemm) */
+    KFAC_PRECISION_DOUBLE     /* applied in double (dgemm), as computed */
+} kfac_precision;
+
 #define KFAC_MAX_SKIP 64
 
 /* The [kfac] cfg section. Plain data; fill with kfac_config_default(). */
@@ -86,6 +91,15 @@ typedef struct {
                                   default 8192 */
     int    max_failures;       /* consecutive failed steps before training stops,
                                   >= 1, default 10 */
+    kfac_precision precond_precision; /* how multiply_inverse applies factored
+                                  inverses (always computed in double); float
+                                  halves the time and memory traffic of the
+                                  per-step products at a relative error of
+                                  about cond * 1e-7. Default float */
+    int    cov_subsample;      /* >= 1, default 1: statistics from the first
+                                  ceil(batch / cov_subsample) examples of each
+                                  mini-batch (the caller's policy; the library
+                                  averages over whatever it is given) */
 } kfac_config;
 
 void kfac_config_default(kfac_config *cfg);
@@ -276,7 +290,11 @@ kfac_status kfac_block_multiply(kfac_block *b, const float *v_w, const float *v_
  * KFAC_ERR_NOT_FINITE if the result is not finite or does not fit a float
  * (out unspecified). Factored damping uses lam_A/lam_G as of that update;
  * exact damping uses that update's eigendecomposition with the *current*
- * lambda (instantiate_factors), so lambda can change without refactoring. */
+ * lambda (instantiate_factors), so lambda can change without refactoring.
+ * With factored damping and precond_precision float (the default), the two
+ * products use float copies of the double inverses (update_inverses fails
+ * with NOT_FINITE, keeping the previous inverse, if one does not fit a
+ * float); exact damping is always applied in double. */
 kfac_status kfac_block_multiply_inverse(kfac_block *b, const float *v_w, const float *v_b,
                                         float *out_w, float *out_b);
 /* out = (damped block)^exp v. exp == 1: multiply; exp == -1 with

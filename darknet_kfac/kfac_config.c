@@ -34,6 +34,8 @@ void kfac_config_default(kfac_config *cfg)
     /* Every factor in upstream Darknet's cfg/ is <= 4609 or >= 9216, so any
      * value in between gives the same split; see docs/zoo.md. */
     cfg->max_factor_dim = 8192;
+    cfg->precond_precision = KFAC_PRECISION_FLOAT;
+    cfg->cov_subsample = 1;
 }
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -164,6 +166,7 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
     DOUBLE_KEY(momentum, d < 1.0, "a number in [0, 1), or < 0 for the [net] momentum")
     INT_KEY(max_failures, i >= 1, "an integer >= 1")
     INT_KEY(max_factor_dim, i >= 0, "an integer >= 0, 0 for no limit")
+    INT_KEY(cov_subsample, i >= 1, "an integer >= 1")
 #undef DOUBLE_KEY
 #undef INT_KEY
 
@@ -191,6 +194,18 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
         }
         return KFAC_OK;
     }
+    if (strcmp(key, "precond_precision") == 0) {
+        if (strcmp(value, "float") == 0)
+            cfg->precond_precision = KFAC_PRECISION_FLOAT;
+        else if (strcmp(value, "double") == 0)
+            cfg->precond_precision = KFAC_PRECISION_DOUBLE;
+        else {
+            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: float, double)",
+                    key, value);
+            return KFAC_ERR_PARSE;
+        }
+        return KFAC_OK;
+    }
     if (strcmp(key, "skip") == 0) {
         int tmp[KFAC_MAX_SKIP], n = 0;
         const char *why = parse_skip(value, tmp, &n);
@@ -211,7 +226,7 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
     set_err(err, errlen,
             "kfac: unknown key '%s' (allowed: damping, cov_ema_decay, cov_update_every, "
             "invert_every, norm_constraint, momentum, estimation_mode, damping_type, skip, "
-            "max_factor_dim, max_failures)",
+            "max_factor_dim, max_failures, precond_precision, cov_subsample)",
             key);
     return KFAC_ERR_UNKNOWN_KEY;
 }
@@ -250,5 +265,10 @@ const char *kfac_config_check(const kfac_config *cfg)
         return "max_failures must be >= 1";
     if (cfg->max_factor_dim < 0)
         return "max_factor_dim must be >= 0";
+    if (cfg->precond_precision != KFAC_PRECISION_FLOAT &&
+        cfg->precond_precision != KFAC_PRECISION_DOUBLE)
+        return "precond_precision must be float or double";
+    if (cfg->cov_subsample < 1)
+        return "cov_subsample must be >= 1";
     return NULL;
 }

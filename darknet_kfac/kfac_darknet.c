@@ -475,11 +475,13 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
 
     /* start-up table */
     fprintf(stderr, "K-FAC (darknet-kfac) %s: estimation %s, damping %g (%s), cov_ema_decay %g, "
-            "cov_update_every %d, invert_every %d, norm_constraint %g, momentum %g\n",
+            "cov_update_every %d, cov_subsample %d, invert_every %d, norm_constraint %g, "
+            "momentum %g, precond_precision %s\n",
             cfgfile, st->sampled ? "sampled" : "empirical", st->cfg.damping,
             st->cfg.damping_type == KFAC_DAMPING_EXACT ? "exact" : "factored",
-            st->cfg.cov_ema_decay, st->cfg.cov_update_every, st->cfg.invert_every,
-            st->cfg.norm_constraint, st->momentum);
+            st->cfg.cov_ema_decay, st->cfg.cov_update_every, st->cfg.cov_subsample,
+            st->cfg.invert_every, st->cfg.norm_constraint, st->momentum,
+            st->cfg.precond_precision == KFAC_PRECISION_DOUBLE ? "double" : "float");
     if (fallback)
         fprintf(stderr, "K-FAC: estimation_mode=sampled is not possible here (%s): using the "
                 "empirical Fisher (data labels) instead\n", fallback);
@@ -540,6 +542,17 @@ static void capture_failed(const kfac_layer_state *ls, const char *what, kfac_st
     kfac_die("layer %d: K-FAC could not accumulate %s: %s", ls->index, what, kfac_status_str(s));
 }
 
+static int kfac_stats_examples(const kfac_net_state *st, int batch)
+{
+    return (batch + st->cfg.cov_subsample - 1) / st->cfg.cov_subsample;
+}
+
+int kfac_wants_weight_grad_cpu(network net)
+{
+    const kfac_net_state *st = (const kfac_net_state *)net.kfac;
+    return !st || !st->in_sampled_pass;
+}
+
 void kfac_capture_conv_cpu(layer l, network net, int i, int j,
                            const float *cols, const float *delta)
 {
@@ -556,6 +569,9 @@ void kfac_capture_conv_cpu(layer l, network net, int i, int j,
             kfac_die("layer %d: its K-FAC block cannot follow the new size %dx%d: %s", ls->index,
                      l.w, l.h, kfac_status_str(s));
     }
+    /* cov_subsample: the first ceil(batch/s) examples, a random subset
+     * since mini-batches are drawn at random */
+    if (i >= kfac_stats_examples(st, l.batch)) return;
     double t0 = what_time_is_it_now();
     /* The sampled pass reuses the same inputs, so A is taken once, from the
      * normal pass; G comes from whichever pass carries the Fisher targets. */
@@ -575,11 +591,12 @@ void kfac_capture_connected_cpu(layer l, network net)
     if (!net.train || !kfac_is_stats_step(&net)) return;
     double t0 = what_time_is_it_now();
     kfac_status s;
+    int rows = kfac_stats_examples(st, l.batch);
     if (!st->in_sampled_pass &&
-        (s = kfac_block_accumulate_inputs(ls->block, 0, net.input, l.batch)) != KFAC_OK)
+        (s = kfac_block_accumulate_inputs(ls->block, 0, net.input, rows)) != KFAC_OK)
         capture_failed(ls, "inputs", s);
     if ((st->in_sampled_pass || !st->sampled) &&
-        (s = kfac_block_accumulate_output_grads(ls->block, 0, l.delta, l.batch)) != KFAC_OK)
+        (s = kfac_block_accumulate_output_grads(ls->block, 0, l.delta, rows)) != KFAC_OK)
         capture_failed(ls, "output gradients", s);
     st->t_stats_acc += what_time_is_it_now() - t0;
 }

@@ -97,11 +97,15 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
 
 /* convolutional_layer.c, backward, per example i and group j: cols is the
  * k x T patch matrix Darknet has filled (the input itself for 1x1), delta
- * the n_g x T slice of l.delta (pre-batch-norm output gradient). */
+ * the n_g x T slice of l.delta (pre-batch-norm output gradient). In the
+ * sampled pass cols is not filled (only delta is read). */
 void kfac_capture_conv_cpu(layer l, network net, int i, int j,
                            const float *cols, const float *delta);
 /* connected_layer.c, backward: net.input and l.delta for the whole batch. */
 void kfac_capture_connected_cpu(layer l, network net);
+/* 0 inside the sampled-Fisher pass: a K-FAC layer's backward then skips its
+ * weight-gradient gemm (and im2col), whose result would be discarded. */
+int kfac_wants_weight_grad_cpu(network net);
 
 /* network.c, train_network_datum, after backward_network: the sampled-Fisher
  * backward pass (only when it is a statistics step in sampled mode). */

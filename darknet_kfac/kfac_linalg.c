@@ -30,6 +30,13 @@ void kl_saxpy(int n, float alpha, const float *x, int incx, float *y, int incy)
     cblas_saxpy(n, alpha, x, incx, y, incy);
 }
 
+void kl_sgemm(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+              const float *b, int ldb, float beta, float *c, int ldc)
+{
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 void kl_dgemm(int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
               const double *b, int ldb, double beta, double *c, int ldc)
 {

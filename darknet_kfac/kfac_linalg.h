@@ -22,6 +22,8 @@ void kl_sgemv_acc(int m, int n, const float *a, int lda, const float *x, float *
 void kl_saxpy(int n, float alpha, const float *x, int incx, float *y, int incy);
 
 /* Row-major C = alpha op(A) op(B) + beta C; ta/tb nonzero mean transpose. */
+void kl_sgemm(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+              const float *b, int ldb, float beta, float *c, int ldc);
 void kl_dgemm(int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
               const double *b, int ldb, double beta, double *c, int ldc);
 

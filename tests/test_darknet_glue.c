@@ -163,9 +163,11 @@ static double *ref_patches(const layer *l, const float *in_example, int group, i
 
 /* Brute-force A (kb x kb), G (n_g x n_g) and sum_i D_i P_i^T (n_g x k, the
  * batch-summed weight_updates) for one group of a conv or connected layer,
- * from the layer's input and its l.delta as the backward left them. */
-static void ref_stats(network *net, int li, int group, int bias, double *A, double *G,
-                      double *DPt)
+ * from the layer's input and its l.delta as the backward left them. The
+ * factors average the first ceil(batch/sub) examples (cov_subsample), the
+ * gradient sum covers the whole batch. */
+static void ref_stats_sub(network *net, int li, int group, int bias, int sub, double *A,
+                          double *G, double *DPt)
 {
     layer *l = &net->layers[li];
     const float *x = layer_input(net, li);
@@ -173,6 +175,7 @@ static void ref_stats(network *net, int li, int group, int bias, double *A, doub
     int ng = conv ? l->n / l->groups : l->outputs;
     int k = conv ? l->c / l->groups * l->size * l->size : l->inputs;
     int kb = k + bias, T = conv ? l->out_h * l->out_w : 1, M = l->batch;
+    int Mu = (M + sub - 1) / sub;
     memset(A, 0, sizeof(double) * kb * kb);
     memset(G, 0, sizeof(double) * ng * ng);
     memset(DPt, 0, sizeof(double) * ng * k);
@@ -186,17 +189,17 @@ static void ref_stats(network *net, int li, int group, int bias, double *A, doub
             if (bias) P[k] = 1;
         }
         const float *D = l->delta + ((size_t)i * (conv ? l->groups : 1) + group) * ng * T;
-        for (int r = 0; r < kb; ++r)
+        for (int r = 0; r < kb && i < Mu; ++r)
             for (int s = 0; s < kb; ++s) {
                 double acc = 0;
                 for (int t = 0; t < T; ++t) acc += P[(size_t)r * T + t] * P[(size_t)s * T + t];
-                A[r * kb + s] += acc / ((double)M * T);
+                A[r * kb + s] += acc / ((double)Mu * T);
             }
-        for (int r = 0; r < ng; ++r)
+        for (int r = 0; r < ng && i < Mu; ++r)
             for (int s = 0; s < ng; ++s) {
                 double acc = 0;
                 for (int t = 0; t < T; ++t) acc += (double)D[r * T + t] * D[s * T + t];
-                G[r * ng + s] += acc / ((double)M * T);
+                G[r * ng + s] += acc / ((double)Mu * T);
             }
         for (int r = 0; r < ng; ++r)
             for (int s = 0; s < k; ++s) {
@@ -208,6 +211,12 @@ static void ref_stats(network *net, int li, int group, int bias, double *A, doub
     }
 }
 
+static void ref_stats(network *net, int li, int group, int bias, double *A, double *G,
+                      double *DPt)
+{
+    ref_stats_sub(net, li, group, bias, 1, A, G, DPt);
+}
+
 static double max_abs_diag(const double *X, int n)
 {
     double m = 0;
@@ -216,8 +225,8 @@ static double max_abs_diag(const double *X, int n)
 }
 
 /* Checks the block's factors and Darknet's weight_updates of layer li
- * against ref_stats, group by group. Call after update_cov. */
-static void check_layer_stats(network *net, int li)
+ * against ref_stats_sub, group by group. Call after update_cov. */
+static void check_layer_stats_sub(network *net, int li, int sub)
 {
     layer *l = &net->layers[li];
     kfac_layer_state *ls = (kfac_layer_state *)l->kfac;
@@ -227,7 +236,7 @@ static void check_layer_stats(network *net, int li)
     double *A2 = malloc(sizeof(double) * kb * kb), *G2 = malloc(sizeof(double) * ng * ng);
     double *DPt = malloc(sizeof(double) * ng * k);
     for (int g = 0; g < ls->info.groups; ++g) {
-        ref_stats(net, li, g, ls->bias, A, G, DPt);
+        ref_stats_sub(net, li, g, ls->bias, sub, A, G, DPt);
         assert_int_equal(kfac_block_get_factors(ls->block, g, A2, G2), KFAC_OK);
         double sa = max_abs_diag(A, kb), sg = max_abs_diag(G, ng);
         assert_true(sg > 0);
@@ -244,6 +253,11 @@ static void check_layer_stats(network *net, int li)
                               "weight_updates vs sum_i D_i P_i^T");
     }
     free(A); free(G); free(A2); free(G2); free(DPt);
+}
+
+static void check_layer_stats(network *net, int li)
+{
+    check_layer_stats_sub(net, li, 1);
 }
 
 /* ------------------------------------------------------------ networks */
@@ -263,6 +277,8 @@ static void check_layer_stats(network *net, int li)
 
 static const char *cfg_a_empirical = NET_A_HEAD "[kfac]\nestimation_mode=empirical\n";
 static const char *cfg_a_sampled = NET_A_HEAD "[kfac]\nestimation_mode=sampled\n";
+static const char *cfg_a_subsample =
+    NET_A_HEAD "[kfac]\nestimation_mode=empirical\ncov_subsample=2\n";
 
 /* ------------------------------------------------------------ (a) */
 
@@ -318,6 +334,25 @@ static void test_gradients_and_factors(void **state)
     check_layer_stats(net, 0);
     check_layer_stats(net, 1);
     check_layer_stats(net, 2);
+    free_network(net);
+}
+
+/* cov_subsample=2 with batch 3: factors from the first 2 examples, Darknet's
+ * gradient (the weight_updates check) still from all 3. */
+static void test_cov_subsample(void **state)
+{
+    (void)state;
+    network *net = build(cfg_a_subsample);
+    kfac_net_state *st = (kfac_net_state *)net->kfac;
+    assert_int_equal(st->cfg.cov_subsample, 2);
+    fill_batch(net, 13);
+    clear_all_stats(net);
+    zero_updates(net);
+    forward_backward(net);
+    for (int k = 0; k < st->nlayers; ++k)
+        assert_int_equal(kfac_block_update_cov(st->layers[k].block, 0.95), KFAC_OK);
+    for (int k = 0; k < st->nlayers; ++k)
+        check_layer_stats_sub(net, st->layers[k].index, 2);
     free_network(net);
 }
 
@@ -778,6 +813,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gradients_and_factors),
         cmocka_unit_test(test_sampled_pass),
+        cmocka_unit_test(test_cov_subsample),
         cmocka_unit_test(test_kfac_steps_match_dense),
         cmocka_unit_test(test_train_steps_finite),
         cmocka_unit_test(test_failures_counted_and_stop),

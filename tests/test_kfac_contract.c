@@ -44,7 +44,8 @@ static int config_equal(const kfac_config *a, const kfac_config *b)
     if (a->cov_update_every != b->cov_update_every || a->invert_every != b->invert_every ||
         a->estimation_mode != b->estimation_mode || a->damping_type != b->damping_type ||
         a->nskip != b->nskip || a->max_failures != b->max_failures ||
-        a->max_factor_dim != b->max_factor_dim)
+        a->max_factor_dim != b->max_factor_dim ||
+        a->precond_precision != b->precond_precision || a->cov_subsample != b->cov_subsample)
         return 0;
     for (int i = 0; i < KFAC_MAX_SKIP; i++)
         if (a->skip[i] != b->skip[i])
@@ -88,13 +89,15 @@ static void test_config_default_and_check(void **state)
     assert_int_equal(c.nskip, 0);
     assert_int_equal(c.max_failures, 10);
     assert_int_equal(c.max_factor_dim, 8192);
+    assert_int_equal(c.precond_precision, KFAC_PRECISION_FLOAT);
+    assert_int_equal(c.cov_subsample, 1);
     assert_null(kfac_config_check(&c));
 
     /* each field out of range: a message naming that field */
     static const char *const bad_field[] = {
         "damping", "damping", "damping", "cov_ema_decay", "cov_ema_decay", "cov_update_every",
         "invert_every", "norm_constraint", "momentum", "estimation_mode", "damping_type",
-        "skip", "skip", "max_failures", "max_factor_dim",
+        "skip", "skip", "max_failures", "max_factor_dim", "precond_precision", "cov_subsample",
     };
     for (int i = 0; i < (int)(sizeof bad_field / sizeof *bad_field); i++) {
         kfac_config_default(&c);
@@ -114,6 +117,8 @@ static void test_config_default_and_check(void **state)
         case 12: c.nskip = KFAC_MAX_SKIP + 1; break;
         case 13: c.max_failures = 0; break;
         case 14: c.max_factor_dim = -1; break;
+        case 15: c.precond_precision = (kfac_precision)2; break;
+        case 16: c.cov_subsample = 0; break;
         }
         const char *m = kfac_config_check(&c);
         if (!m)
@@ -196,7 +201,13 @@ static void test_config_set_strict(void **state)
         {"damping_type", "factored", KFAC_OK, 0},
         {"damping_type", "exactly", KFAC_ERR_PARSE, 1},
         {"damping_type", "fact", KFAC_ERR_PARSE, 1},
-        {"cov_subsample", "1", KFAC_ERR_UNKNOWN_KEY, 0}, /* no longer a key */
+        {"cov_subsample", "4", KFAC_OK, 0},
+        {"cov_subsample", "0", KFAC_ERR_INVALID_ARG, 0},
+        {"cov_subsample", "0.5", KFAC_ERR_PARSE, 0},
+        {"precond_precision", "double", KFAC_OK, 0},
+        {"precond_precision", "float", KFAC_OK, 0},
+        {"precond_precision", "half", KFAC_ERR_PARSE, 1},
+        {"precond_precision", "", KFAC_ERR_PARSE, 1},
         {"max_failures", "3", KFAC_OK, 0},
         {"max_failures", "0", KFAC_ERR_INVALID_ARG, 0},
         {"max_failures", "3.0", KFAC_ERR_PARSE, 0},
@@ -215,9 +226,11 @@ static void test_config_set_strict(void **state)
         kfac_config c, before;
         kfac_config_default(&c);
         if (!strcmp(t->key, "momentum") || !strcmp(t->key, "damping_type") ||
-            !strcmp(t->key, "estimation_mode")) {
+            !strcmp(t->key, "estimation_mode") || !strcmp(t->key, "precond_precision")) {
             /* move off the default so an accepted value is visible */
             c.momentum = 0.5;
+            c.precond_precision = !strcmp(t->value, "double") ? KFAC_PRECISION_FLOAT
+                                                              : KFAC_PRECISION_DOUBLE;
             c.damping_type = !strcmp(t->value, "exact") ? KFAC_DAMPING_FACTORED : KFAC_DAMPING_EXACT;
             c.estimation_mode = !strcmp(t->value, "empirical") ? KFAC_ESTIMATION_SAMPLED
                                                                 : KFAC_ESTIMATION_EMPIRICAL;
@@ -253,6 +266,11 @@ static void test_config_set_strict(void **state)
         else if (!strcmp(k, "momentum")) assert_true(c.momentum == v);
         else if (!strcmp(k, "max_failures")) assert_int_equal(c.max_failures, (int)v);
         else if (!strcmp(k, "max_factor_dim")) assert_int_equal(c.max_factor_dim, (int)v);
+        else if (!strcmp(k, "cov_subsample")) assert_int_equal(c.cov_subsample, (int)v);
+        else if (!strcmp(k, "precond_precision"))
+            assert_int_equal(c.precond_precision, !strcmp(t->value, "double")
+                                                      ? KFAC_PRECISION_DOUBLE
+                                                      : KFAC_PRECISION_FLOAT);
         else if (!strcmp(k, "estimation_mode"))
             assert_int_equal(c.estimation_mode, !strcmp(t->value, "empirical")
                                                     ? KFAC_ESTIMATION_EMPIRICAL

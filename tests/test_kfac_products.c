@@ -63,11 +63,16 @@ static void blk_init(blk *s, kfac_block *b, kfac_damping_type type)
     s->G = naive_alloc((size_t)s->groups * s->n_g * s->n_g, sizeof(double));
 }
 
+/* The precision the next blocks are created with: the product tests run
+ * once per precond_precision. */
+static kfac_precision g_precision = KFAC_PRECISION_FLOAT;
+
 static kfac_config cfg_for(kfac_damping_type type)
 {
     kfac_config cfg;
     kfac_config_default(&cfg);
     cfg.damping_type = type;
+    cfg.precond_precision = g_precision;
     return cfg;
 }
 
@@ -409,6 +414,9 @@ static void products_with_set_factors(kfac_damping_type type, uint64_t seed)
 static void test_products_factored(void **state)
 {
     (void)state;
+    g_precision = KFAC_PRECISION_DOUBLE;
+    products_with_set_factors(KFAC_DAMPING_FACTORED, 2003);
+    g_precision = KFAC_PRECISION_FLOAT;
     products_with_set_factors(KFAC_DAMPING_FACTORED, 2003);
 }
 
@@ -425,8 +433,10 @@ static void test_products_from_data(void **state)
     (void)state;
     naive_rng r;
     naive_rng_seed(&r, 2005);
-    for (int t = 0; t < 2; t++) {
-        kfac_damping_type type = t ? KFAC_DAMPING_EXACT : KFAC_DAMPING_FACTORED;
+    for (int t = 0; t < 3; t++) {
+        /* factored in both precisions, then exact (always double) */
+        kfac_damping_type type = t == 2 ? KFAC_DAMPING_EXACT : KFAC_DAMPING_FACTORED;
+        g_precision = t == 1 ? KFAC_PRECISION_DOUBLE : KFAC_PRECISION_FLOAT;
         kfac_conv_geom g = geom(4, 6, 5, 4, 3, 2, 1, 2, 1);
         blk s;
         blk_conv(&s, &g, type);
@@ -449,7 +459,8 @@ static void test_products_from_data(void **state)
                             TOL_STATS, "A group 1");
         register_all(&s, 0.1);
         assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
-        check_all_products(&s, 0.1, &r, t ? "data exact" : "data factored");
+        check_all_products(&s, 0.1, &r, t == 2 ? "data exact" : t ? "data factored double"
+                                                                  : "data factored float");
         free(x); free(d); free(A0); free(G0);
         blk_free(&s);
     }
