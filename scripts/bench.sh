@@ -36,7 +36,7 @@ if [ ! -f "$nb/libdarknet.a" ] || [ build/darknet/.patched -nt "$nb/libdarknet.a
         || { echo "bench: BLAS=0 build failed, see $out/noblas-build.log" >&2; exit 1; }
 fi
 ${CC:-cc} -std=gnu99 -O2 darknet_kfac/demo/kfac_demo.c -o "$out/kfac_demo_noblas" \
-    -I"$nb/include" -I"$nb/src" "$nb/libdarknet.a" -llapacke -lopenblas -lm -lpthread -lz
+    -I"$nb/include" -I"$nb/src" -Idarknet_kfac "$nb/libdarknet.a" -llapacke -lopenblas -lm -lpthread -lz
 
 threads=${OPENBLAS_NUM_THREADS:-${OMP_NUM_THREADS:-}}
 echo "cores: $(nproc); BLAS threads: ${threads:-OpenBLAS default ($(nproc))}; $iters steps per method, eval every $every"
@@ -93,9 +93,13 @@ END {
     printf "%-44s %8.3f  [target >= 2: %s]\n", "SGD step upstream-gemm/BLAS", r, (r >= 2 ? "met" : "NOT met")
 }' "$out/results.csv" "$out/gemm.csv"
 
-# Where K-FAC's time goes, per phase, from the glue's per-step line
-# (statistics include the sampled backward pass; amortised over all steps).
+# Where each method's time goes: kfac_demo's clock around the phases of
+# train_network_datum (forward; backward, K-FAC's input captures included;
+# the sampled-Fisher pass; update, K-FAC's factors, inverses and
+# preconditioning included), then K-FAC's own split from the glue's per-step
+# line (statistics = captures + sampled pass + factor update).
 echo
+grep -h '^phases ' "$out/sgd.log" "$out/kfac.log"
 grep '^kfac ' "$out/kfac.log" | awk -F'[ ,;]+' '{
     for (i = 1; i <= NF; ++i) { if ($i == "stats") s += $(i+1); if ($i == "inverses") v += $(i+1); if ($i == "precond") p += $(i+1) }
     n++ } END { if (n) printf "K-FAC seconds per step, amortised: statistics %.4f, inverses %.4f, preconditioning %.4f (%d steps)\n", s/n, v/n, p/n, n }'

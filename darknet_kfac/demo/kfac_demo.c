@@ -23,6 +23,7 @@
 #include <zlib.h>
 
 #include "darknet.h"
+#include "kfac_darknet.h"
 
 #define IMG_MAGIC 0x00000803u
 #define LBL_MAGIC 0x00000801u
@@ -53,6 +54,33 @@ static double now_s(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* train_network (network.c, with patch 0005's train_network_datum) with a
+ * clock between the phases of each step: forward, backward (K-FAC's input
+ * captures included), the sampled-Fisher pass, update (K-FAC's factor,
+ * inverse and preconditioning work included). Keep in step with network.c. */
+static float train_network_timed(network *net, data d, double phase[4])
+{
+    int batch = net->batch, n = d.X.rows / batch;
+    float sum = 0;
+    for (int i = 0; i < n; ++i) {
+        get_next_batch(d, batch, i * batch, net->input, net->truth);
+        *net->seen += net->batch;
+        net->train = 1;
+        double t0 = now_s();
+        forward_network(net);
+        double t1 = now_s();
+        backward_network(net);
+        double t2 = now_s();
+        if (net->kfac) kfac_backward_network_cpu(net);
+        double t3 = now_s();
+        sum += *net->cost;
+        if (((*net->seen) / net->batch) % net->subdivisions == 0) update_network(net);
+        double t4 = now_s();
+        phase[0] += t1 - t0; phase[1] += t2 - t1; phase[2] += t3 - t2; phase[3] += t4 - t3;
+    }
+    return sum / (n * batch);
 }
 
 /* ------------------------------------------------------------------ IDX */
@@ -303,7 +331,7 @@ static int cmd_train(train_opts o)
     fprintf(stderr, "kfac_demo: %s: %s, batch %d, lr %g, momentum %g, decay %g, %d train / %d test\n",
             method, o.cfg, step, net->learning_rate, net->momentum, net->decay, train.X.rows, test.X.rows);
 
-    double train_s = 0, loss_sum = 0;
+    double train_s = 0, loss_sum = 0, phase[4] = {0};
     int loss_n = 0, it;
     for (it = 1; it <= o.iters; ++it) {
         for (int b = 0; b < step; ++b) {
@@ -312,7 +340,7 @@ static int cmd_train(train_opts o)
             mb.y.vals[b] = train.y.vals[k];
         }
         double t0 = now_s();
-        float loss = train_network(net, mb);
+        float loss = train_network_timed(net, mb, phase);
         train_s += now_s() - t0;
         if (!isfinite(loss)) {
             fprintf(csv, "%s,%d,%.3f,%g,%.4f\n", method, it, train_s, loss, 0.0);
@@ -331,6 +359,11 @@ static int cmd_train(train_opts o)
         if (last) break;
     }
     fclose(csv);
+    int steps = it > o.iters ? o.iters : it;
+    /* read by scripts/bench.sh: where each method's step time goes */
+    printf("phases %s (seconds per step over %d steps): forward %.4f, backward %.4f, "
+           "sampled %.4f, update %.4f\n", method, steps, phase[0] / steps, phase[1] / steps,
+           phase[2] / steps, phase[3] / steps);
     if (o.save_final) save_weights(net, (char *)o.save_final);
     free(mb.X.vals); free(mb.y.vals); free(smp.perm);
     free_data(train); free_data(test);
