@@ -59,7 +59,7 @@ DN_TESTS    := $(wildcard tests/test_darknet*.c)
 DEMO_BIN := $(if $(filter 1,$(SANITIZE)),$(OUT)/kfac_demo,$(BUILD)/kfac_demo)
 DN_TEST_BIN := $(patsubst tests/%.c,$(OUT)/dntests/%,$(DN_TESTS))
 
-.PHONY: all deps lib test test-lib test-darknet darknet gpu-build-check demo bench clean distclean
+.PHONY: all deps lib test test-lib test-darknet darknet gpu-build-check demo zoo-retrain bench clean distclean
 
 all: lib
 
@@ -141,11 +141,15 @@ gpu-build-check:
 $(DEMO_BIN): darknet_kfac/demo/kfac_demo.c darknet
 	@scripts/deps.sh zlib1g-dev
 	$(CC) -std=gnu99 -O2 -g -Wall -Wextra -Wno-unused-parameter $(SANFLAGS) darknet_kfac/demo/kfac_demo.c -o $@ \
-	  -I$(DN)/include -I$(DN)/src $(DN)/libdarknet.a -llapacke -lopenblas -lm -lpthread -lz
+	  -I$(DN)/include -I$(DN)/src -Idarknet_kfac $(DN)/libdarknet.a -llapacke -lopenblas -lm -lpthread -lz
 
 demo: darknet
 	@scripts/deps.sh $(DEPS_DEMO)
 	scripts/demo.sh
+
+zoo-retrain: darknet
+	@scripts/deps.sh $(DEPS_DEMO)
+	scripts/zoo-retrain.sh
 
 bench: darknet lib
 	@scripts/deps.sh $(DEPS_DEMO)
