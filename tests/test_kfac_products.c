@@ -630,6 +630,41 @@ static void test_failed_update_keeps_previous_inverse(void **state)
     blk_free(&s);
 }
 
+/* An inverse that is fine in double but does not fit a float: A = G =
+ * 1e-60 I with lam = 1e-80 gives pi = 1, lam_A = lam_G = 1e-40 and inverse
+ * entries ~1e40 > FLT_MAX. With precond_precision=float the update fails
+ * (NOT_FINITE) and keeps the previous inverse; with double it succeeds. */
+static void test_float_inverse_out_of_range(void **state)
+{
+    (void)state;
+    for (int prec = 0; prec < 2; prec++) {
+        g_precision = prec ? KFAC_PRECISION_DOUBLE : KFAC_PRECISION_FLOAT;
+        blk s;
+        blk_fc(&s, 2, 2, 0, KFAC_DAMPING_FACTORED);
+        double A[4] = {1, 0, 0, 1}, G[4] = {1, 0, 0, 1};
+        float v[4] = {1, 2, 3, 4}, y1[4], y2[4];
+        assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
+        assert_int_equal(kfac_block_instantiate_factors(s.b, 1e-80), KFAC_OK);
+        assert_int_equal(kfac_block_register_inverse(s.b), KFAC_OK);
+        assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
+        assert_int_equal(kfac_block_multiply_inverse(s.b, v, NULL, y1, NULL), KFAC_OK);
+        A[0] = A[3] = G[0] = G[3] = 1e-60;
+        assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
+        kfac_status rc = kfac_block_update_inverses(s.b);
+        assert_int_equal(rc, prec ? KFAC_OK : KFAC_ERR_NOT_FINITE);
+        rc = kfac_block_multiply_inverse(s.b, v, NULL, y2, NULL);
+        if (prec) {
+            /* the double product itself does not fit a float either */
+            assert_int_equal(rc, KFAC_ERR_NOT_FINITE);
+        } else {
+            assert_int_equal(rc, KFAC_OK);
+            assert_memory_equal(y2, y1, sizeof y1);
+        }
+        blk_free(&s);
+    }
+    g_precision = KFAC_PRECISION_FLOAT;
+}
+
 /* A factor whose damped Cholesky fails for the damping and all three x10
  * retries (indefinite A with a positive trace: A = diag(1e5, 1e5, -1e4),
  * G = I, lam = 1e-4, T = 1 -> pi = 251.7, lam_A = 2.517; even 1000*lam_A <
@@ -764,6 +799,7 @@ int main(void)
         cmocka_unit_test(test_vector_v2),
         cmocka_unit_test(test_inverse_uses_factors_of_last_update),
         cmocka_unit_test(test_failed_update_keeps_previous_inverse),
+        cmocka_unit_test(test_float_inverse_out_of_range),
         cmocka_unit_test(test_cholesky_retry_and_eigen_fallback),
         cmocka_unit_test(test_damping_change_without_update),
         cmocka_unit_test(test_matpower_registration),
