@@ -68,6 +68,11 @@ typedef enum {
 } kfac_estimation_mode;
 
 typedef enum {
+    KFAC_CLIP_LR_CURRENT = 0, /* nu from the step's learning rate (sem. 5) */
+    KFAC_CLIP_LR_BASE         /* nu from the base learning rate */
+} kfac_clip_lr;
+
+typedef enum {
     KFAC_PRECISION_FLOAT = 0, /* factored inverses applied from float copies (sgemm) */
     KFAC_PRECISION_DOUBLE     /* applied in double (dgemm), as computed */
 } kfac_precision;
@@ -96,6 +101,14 @@ typedef struct {
                                   halves the time and memory traffic of the
                                   per-step products at a relative error of
                                   about cond * 1e-7. Default float */
+    kfac_clip_lr norm_constraint_lr; /* the caller's policy: which learning rate
+                                  the clip coefficient nu is computed with.
+                                  current (default, sem. 5): a clipped step
+                                  eta*nu*Delta = sqrt(C / <g, Delta>) whatever
+                                  the schedule; base: nu uses the schedule's
+                                  base rate eta_0 (pass C * (eta/eta_0)^2 to
+                                  kfac_step), so a decaying rate scales
+                                  clipped steps as it scales SGD's */
     int    cov_subsample;      /* >= 1, default 1: statistics from the first
                                   ceil(batch / cov_subsample) examples of each
                                   mini-batch (the caller's policy; the library

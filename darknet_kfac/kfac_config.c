@@ -36,6 +36,7 @@ void kfac_config_default(kfac_config *cfg)
     cfg->max_factor_dim = 8192;
     cfg->precond_precision = KFAC_PRECISION_FLOAT;
     cfg->cov_subsample = 1;
+    cfg->norm_constraint_lr = KFAC_CLIP_LR_CURRENT;
 }
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -206,6 +207,18 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
         }
         return KFAC_OK;
     }
+    if (strcmp(key, "norm_constraint_lr") == 0) {
+        if (strcmp(value, "current") == 0)
+            cfg->norm_constraint_lr = KFAC_CLIP_LR_CURRENT;
+        else if (strcmp(value, "base") == 0)
+            cfg->norm_constraint_lr = KFAC_CLIP_LR_BASE;
+        else {
+            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: current, base)",
+                    key, value);
+            return KFAC_ERR_PARSE;
+        }
+        return KFAC_OK;
+    }
     if (strcmp(key, "skip") == 0) {
         int tmp[KFAC_MAX_SKIP], n = 0;
         const char *why = parse_skip(value, tmp, &n);
@@ -226,7 +239,8 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
     set_err(err, errlen,
             "kfac: unknown key '%s' (allowed: damping, cov_ema_decay, cov_update_every, "
             "invert_every, norm_constraint, momentum, estimation_mode, damping_type, skip, "
-            "max_factor_dim, max_failures, precond_precision, cov_subsample)",
+            "max_factor_dim, max_failures, precond_precision, cov_subsample, "
+            "norm_constraint_lr)",
             key);
     return KFAC_ERR_UNKNOWN_KEY;
 }
@@ -270,5 +284,8 @@ const char *kfac_config_check(const kfac_config *cfg)
         return "precond_precision must be float or double";
     if (cfg->cov_subsample < 1)
         return "cov_subsample must be >= 1";
+    if (cfg->norm_constraint_lr != KFAC_CLIP_LR_CURRENT &&
+        cfg->norm_constraint_lr != KFAC_CLIP_LR_BASE)
+        return "norm_constraint_lr must be current or base";
     return NULL;
 }

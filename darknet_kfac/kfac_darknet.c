@@ -475,12 +475,13 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
 
     /* start-up table */
     fprintf(stderr, "K-FAC (darknet-kfac) %s: estimation %s, damping %g (%s), cov_ema_decay %g, "
-            "cov_update_every %d, cov_subsample %d, invert_every %d, norm_constraint %g, "
-            "momentum %g, precond_precision %s\n",
+            "cov_update_every %d, cov_subsample %d, invert_every %d, norm_constraint %g "
+            "(%s lr), momentum %g, precond_precision %s\n",
             cfgfile, st->sampled ? "sampled" : "empirical", st->cfg.damping,
             st->cfg.damping_type == KFAC_DAMPING_EXACT ? "exact" : "factored",
             st->cfg.cov_ema_decay, st->cfg.cov_update_every, st->cfg.cov_subsample,
-            st->cfg.invert_every, st->cfg.norm_constraint, st->momentum,
+            st->cfg.invert_every, st->cfg.norm_constraint,
+            st->cfg.norm_constraint_lr == KFAC_CLIP_LR_BASE ? "base" : "current", st->momentum,
             st->cfg.precond_precision == KFAC_PRECISION_DOUBLE ? "double" : "float");
     if (fallback)
         fprintf(stderr, "K-FAC: estimation_mode=sampled is not possible here (%s): using the "
@@ -796,6 +797,12 @@ void kfac_update_network_cpu(network *net, update_args a)
     args.decay = a.decay;
     args.batch = a.batch;
     args.norm_constraint = st->cfg.norm_constraint;
+    if (st->cfg.norm_constraint_lr == KFAC_CLIP_LR_BASE && net->learning_rate > 0) {
+        /* nu = min(1, sqrt(C / (eta_0^2 <g, Delta>))): the policy's decay
+         * (steps, poly, burn_in, ...) then scales clipped steps too */
+        double r = a.learning_rate / net->learning_rate;
+        args.norm_constraint *= r * r;
+    }
     kfac_step_report rep;
     memset(&rep, 0, sizeof rep);
     rep.first_skipped = -1;

@@ -569,7 +569,7 @@ static double ref_dot(const ref_layer *r)
 
 /* v = mu*v + nu*Delta; W -= lr*v; compares the change of the network's
  * weights and biases with the reference change. */
-static void ref_apply_and_compare(ref_layer *r, double nu, double mu)
+static void ref_apply_and_compare(ref_layer *r, double nu, double mu, double lr)
 {
     int ng = r->ng, k = r->k, kb = r->kb;
     double *dw = malloc(sizeof(double) * ng * k), *db = malloc(sizeof(double) * ng);
@@ -578,12 +578,12 @@ static void ref_apply_and_compare(ref_layer *r, double nu, double mu)
     for (int i = 0; i < r->n; ++i) r->v[i] = mu * r->v[i] + nu * r->delta[i];
     for (int q = 0; q < ng; ++q) {
         for (int s = 0; s < k; ++s) {
-            dw[q * k + s] = -STEP_LR * r->v[q * kb + s];
+            dw[q * k + s] = -lr * r->v[q * kb + s];
             aw[q * k + s] = r->l->weights[q * k + s] - r->W[q * k + s];
             ms = fmax(ms, fabs(dw[q * k + s]));
             mw = fmax(mw, fabs(r->W[q * k + s]));
         }
-        db[q] = -STEP_LR * r->v[q * kb + k];
+        db[q] = -lr * r->v[q * kb + k];
         ab[q] = r->l->biases[q] - r->b[q];
         ms = fmax(ms, fabs(db[q]));
     }
@@ -596,10 +596,21 @@ static void ref_apply_and_compare(ref_layer *r, double nu, double mu)
     free(dw); free(db); free(aw); free(ab);
 }
 
-static void test_kfac_steps_match_dense(void **state)
+/* The same net with a steps policy (lr 0.1, then 0.025 from step 1) and
+ * norm_constraint_lr=base: nu is computed with the base rate, so the clipped
+ * second step is a quarter of what the current-rate clip would give. */
+static const char *cfg_step_base =
+    "[net]\nbatch=4\nsubdivisions=1\nheight=4\nwidth=4\nchannels=2\n"
+    "momentum=0.9\ndecay=0.0005\nlearning_rate=0.1\npolicy=steps\nsteps=2\nscales=0.25\n\n"
+    "[convolutional]\nfilters=3\nsize=3\nstride=1\npad=1\nactivation=tanh\n\n"
+    "[connected]\noutput=3\nactivation=linear\n\n"
+    "[softmax]\n\n"
+    "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0.0001\n"
+    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nnorm_constraint_lr=base\n";
+
+static void steps_match_dense(const char *cfg, int clip_base)
 {
-    (void)state;
-    network *net = build(cfg_step);
+    network *net = build(cfg);
     kfac_net_state *st = (kfac_net_state *)net->kfac;
     assert_non_null(st);
     assert_int_equal(st->nlayers, 2);
@@ -612,6 +623,8 @@ static void test_kfac_steps_match_dense(void **state)
     /* step 0: first factors as is, v = nu*Delta; step 1: EMA factors, fresh
      * inverse (invert_every=1), momentum on the previous velocity */
     for (int step = 0; step < 2; ++step) {
+        double lr = clip_base && step == 1 ? STEP_LR * 0.25 : STEP_LR;
+        double lr_clip = clip_base ? STEP_LR : lr;
         fill_batch(net, 3 + 10 * step);
         ref_save_weights(&r[0]);
         ref_save_weights(&r[1]);
@@ -622,18 +635,25 @@ static void test_kfac_steps_match_dense(void **state)
         ref_step(net, 0, &r[0], step == 0);
         ref_step(net, 1, &r[1], step == 0);
         double gd = ref_dot(&r[0]) + ref_dot(&r[1]);
-        double nu = fmin(1.0, sqrt(STEP_NORM / (STEP_LR * STEP_LR * gd)));
+        double nu = fmin(1.0, sqrt(STEP_NORM / (lr_clip * lr_clip * gd)));
         assert_true(nu < 1); /* the cfg is meant to exercise clipping */
         if (!(fabs(st->last_nu - nu) <= TOL_GLUE_NU * nu)) {
             print_error("step %d: nu %.8g, reference %.8g\n", step, st->last_nu, nu);
             fail();
         }
-        ref_apply_and_compare(&r[0], nu, STEP_MOMENTUM);
-        ref_apply_and_compare(&r[1], nu, STEP_MOMENTUM);
+        ref_apply_and_compare(&r[0], nu, STEP_MOMENTUM, lr);
+        ref_apply_and_compare(&r[1], nu, STEP_MOMENTUM, lr);
     }
     ref_free(&r[0]);
     ref_free(&r[1]);
     free_network(net);
+}
+
+static void test_kfac_steps_match_dense(void **state)
+{
+    (void)state;
+    steps_match_dense(cfg_step, 0);
+    steps_match_dense(cfg_step_base, 1);
 }
 
 /* A BN conv keeps Darknet's SGD for its scales/shifts; sampled mode trains

@@ -45,7 +45,8 @@ static int config_equal(const kfac_config *a, const kfac_config *b)
         a->estimation_mode != b->estimation_mode || a->damping_type != b->damping_type ||
         a->nskip != b->nskip || a->max_failures != b->max_failures ||
         a->max_factor_dim != b->max_factor_dim ||
-        a->precond_precision != b->precond_precision || a->cov_subsample != b->cov_subsample)
+        a->precond_precision != b->precond_precision || a->cov_subsample != b->cov_subsample ||
+        a->norm_constraint_lr != b->norm_constraint_lr)
         return 0;
     for (int i = 0; i < KFAC_MAX_SKIP; i++)
         if (a->skip[i] != b->skip[i])
@@ -91,6 +92,7 @@ static void test_config_default_and_check(void **state)
     assert_int_equal(c.max_factor_dim, 8192);
     assert_int_equal(c.precond_precision, KFAC_PRECISION_FLOAT);
     assert_int_equal(c.cov_subsample, 1);
+    assert_int_equal(c.norm_constraint_lr, KFAC_CLIP_LR_CURRENT);
     assert_null(kfac_config_check(&c));
 
     /* each field out of range: a message naming that field */
@@ -98,6 +100,7 @@ static void test_config_default_and_check(void **state)
         "damping", "damping", "damping", "cov_ema_decay", "cov_ema_decay", "cov_update_every",
         "invert_every", "norm_constraint", "momentum", "estimation_mode", "damping_type",
         "skip", "skip", "max_failures", "max_factor_dim", "precond_precision", "cov_subsample",
+        "norm_constraint_lr",
     };
     for (int i = 0; i < (int)(sizeof bad_field / sizeof *bad_field); i++) {
         kfac_config_default(&c);
@@ -119,6 +122,7 @@ static void test_config_default_and_check(void **state)
         case 14: c.max_factor_dim = -1; break;
         case 15: c.precond_precision = (kfac_precision)2; break;
         case 16: c.cov_subsample = 0; break;
+        case 17: c.norm_constraint_lr = (kfac_clip_lr)3; break;
         }
         const char *m = kfac_config_check(&c);
         if (!m)
@@ -207,6 +211,9 @@ static void test_config_set_strict(void **state)
         {"precond_precision", "double", KFAC_OK, 0},
         {"precond_precision", "float", KFAC_OK, 0},
         {"precond_precision", "half", KFAC_ERR_PARSE, 1},
+        {"norm_constraint_lr", "base", KFAC_OK, 0},
+        {"norm_constraint_lr", "current", KFAC_OK, 0},
+        {"norm_constraint_lr", "0.1", KFAC_ERR_PARSE, 1},
         {"precond_precision", "", KFAC_ERR_PARSE, 1},
         {"max_failures", "3", KFAC_OK, 0},
         {"max_failures", "0", KFAC_ERR_INVALID_ARG, 0},
@@ -226,11 +233,14 @@ static void test_config_set_strict(void **state)
         kfac_config c, before;
         kfac_config_default(&c);
         if (!strcmp(t->key, "momentum") || !strcmp(t->key, "damping_type") ||
-            !strcmp(t->key, "estimation_mode") || !strcmp(t->key, "precond_precision")) {
+            !strcmp(t->key, "estimation_mode") || !strcmp(t->key, "precond_precision") ||
+            !strcmp(t->key, "norm_constraint_lr")) {
             /* move off the default so an accepted value is visible */
             c.momentum = 0.5;
             c.precond_precision = !strcmp(t->value, "double") ? KFAC_PRECISION_FLOAT
                                                               : KFAC_PRECISION_DOUBLE;
+            c.norm_constraint_lr = !strcmp(t->value, "base") ? KFAC_CLIP_LR_CURRENT
+                                                             : KFAC_CLIP_LR_BASE;
             c.damping_type = !strcmp(t->value, "exact") ? KFAC_DAMPING_FACTORED : KFAC_DAMPING_EXACT;
             c.estimation_mode = !strcmp(t->value, "empirical") ? KFAC_ESTIMATION_SAMPLED
                                                                 : KFAC_ESTIMATION_EMPIRICAL;
@@ -267,6 +277,10 @@ static void test_config_set_strict(void **state)
         else if (!strcmp(k, "max_failures")) assert_int_equal(c.max_failures, (int)v);
         else if (!strcmp(k, "max_factor_dim")) assert_int_equal(c.max_factor_dim, (int)v);
         else if (!strcmp(k, "cov_subsample")) assert_int_equal(c.cov_subsample, (int)v);
+        else if (!strcmp(k, "norm_constraint_lr"))
+            assert_int_equal(c.norm_constraint_lr, !strcmp(t->value, "base")
+                                                       ? KFAC_CLIP_LR_BASE
+                                                       : KFAC_CLIP_LR_CURRENT);
         else if (!strcmp(k, "precond_precision"))
             assert_int_equal(c.precond_precision, !strcmp(t->value, "double")
                                                       ? KFAC_PRECISION_DOUBLE
