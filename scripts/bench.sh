@@ -8,13 +8,13 @@
 # share the machine's load at that moment.
 #
 # Knobs (environment): BENCH_ITERS (steps per method, default 2000),
-# BENCH_EVAL (evaluation interval, default 100), BENCH_GEMM_ITERS (steps for
+# BENCH_EVAL (evaluation interval, default 50), BENCH_GEMM_ITERS (steps for
 # the BLAS vs upstream comparison, default 60), BENCH_SEED (1), BENCH_BN=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 iters=${BENCH_ITERS:-2000}
-every=${BENCH_EVAL:-100}
+every=${BENCH_EVAL:-50}
 giters=${BENCH_GEMM_ITERS:-60}
 seed=${BENCH_SEED:-1}
 data=${BENCH_DATA:-/usr/share/datasets/fashion-mnist}

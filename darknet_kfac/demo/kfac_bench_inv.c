@@ -52,11 +52,12 @@ static const layer_desc layers[] = {
     {"5 connected 128->10", 0, {0}, 128, 10},
 };
 
-static int bench(const layer_desc *L, kfac_damping_type type)
+static int bench(const layer_desc *L, kfac_damping_type type, kfac_precision prec)
 {
     kfac_config cfg;
     kfac_config_default(&cfg);
     cfg.damping_type = type;
+    cfg.precond_precision = prec;
     kfac_block *b = NULL;
     kfac_status s = L->is_conv ? kfac_conv_block_create(&L->g, &cfg, &b)
                                : kfac_fc_block_create(L->inputs, L->outputs, 1, &cfg, &b);
@@ -98,9 +99,11 @@ static int bench(const layer_desc *L, kfac_damping_type type)
     }
     qsort(ti, REPS, sizeof ti[0], cmp_double);
     qsort(tm, REPS, sizeof tm[0], cmp_double);
-    printf("  %-26s A %4dx%-4d G %3dx%-3d %-8s inverse %9.3f ms  multiply_inverse %7.3f ms"
+    printf("  %-26s A %4dx%-4d G %3dx%-3d %-15s inverse %9.3f ms  multiply_inverse %7.3f ms"
            "  (statistics, batch %d: %.3f ms)\n",
-           L->name, kb, kb, n_g, n_g, type == KFAC_DAMPING_EXACT ? "exact" : "factored",
+           L->name, kb, kb, n_g, n_g, type == KFAC_DAMPING_EXACT ? "exact"
+                                      : prec == KFAC_PRECISION_DOUBLE ? "factored double"
+                                                                      : "factored float",
            1e3 * ti[REPS / 2], 1e3 * tm[REPS / 2], batch, 1e3 * t_stats);
     free(x); free(d); free(v); free(out);
     kfac_block_free(b);
@@ -112,8 +115,9 @@ int main(void)
     int rc = 0;
     printf("inverse paths on the demo model's layers (median of %d):\n", REPS);
     for (size_t i = 0; i < sizeof layers / sizeof layers[0]; ++i) {
-        rc |= bench(&layers[i], KFAC_DAMPING_FACTORED);
-        rc |= bench(&layers[i], KFAC_DAMPING_EXACT);
+        rc |= bench(&layers[i], KFAC_DAMPING_FACTORED, KFAC_PRECISION_FLOAT);
+        rc |= bench(&layers[i], KFAC_DAMPING_FACTORED, KFAC_PRECISION_DOUBLE);
+        rc |= bench(&layers[i], KFAC_DAMPING_EXACT, KFAC_PRECISION_DOUBLE);
     }
     return rc;
 }
