@@ -7,13 +7,13 @@
 # the iterations and training seconds to reach 88% and 90% test accuracy.
 #
 # Knobs (environment): DEMO_ITERS (default 2000 optimizer steps per method),
-# DEMO_EVAL (test-set evaluation every N steps, default 100), DEMO_SEED (1),
+# DEMO_EVAL (test-set evaluation every N steps, default 50), DEMO_SEED (1),
 # DEMO_BN=1 (the batch-normalised cfgs), DEMO_DATA (IDX directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 iters=${DEMO_ITERS:-2000}
-every=${DEMO_EVAL:-100}
+every=${DEMO_EVAL:-50}
 seed=${DEMO_SEED:-1}
 data=${DEMO_DATA:-/usr/share/datasets/fashion-mnist}
 if [ "${DEMO_BN:-0}" = 1 ]; then sgd_cfg=cfg/fashion_bn_sgd.cfg; kfac_cfg=cfg/fashion_bn_kfac.cfg
