@@ -9,7 +9,8 @@
 #
 # Knobs (environment): BENCH_ITERS (steps per method, default 2000),
 # BENCH_EVAL (evaluation interval, default 50), BENCH_GEMM_ITERS (steps for
-# the BLAS vs upstream comparison, default 60), BENCH_SEED (1), BENCH_BN=1.
+# the BLAS vs upstream comparison, default 60), BENCH_SEED (1), BENCH_BN=1,
+# BENCH_PARALLEL (1: runs side by side, see below; 0: one after the other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,23 +39,49 @@ fi
 ${CC:-cc} -std=gnu99 -O2 darknet_kfac/demo/kfac_demo.c -o "$out/kfac_demo_noblas" \
     -I"$nb/include" -I"$nb/src" -Idarknet_kfac "$nb/libdarknet.a" -llapacke -lopenblas -lm -lpthread -lz
 
-threads=${OPENBLAS_NUM_THREADS:-${OMP_NUM_THREADS:-}}
-echo "cores: $(nproc); BLAS threads: ${threads:-OpenBLAS default ($(nproc))}; $iters steps per method, eval every $every"
+# BENCH_PARALLEL=1 (default): the two runs of each comparison go side by
+# side, one BLAS thread each, one per core, so that whatever else loads the
+# machine (a shared VM's speed was seen to swing by 40% within minutes)
+# slows both alike; the ratios are then stable, the absolute seconds are
+# those of one core. BENCH_PARALLEL=0: one after the other, with the BLAS
+# threads of the environment (OpenBLAS default: all cores).
+parallel=${BENCH_PARALLEL:-1}
+if [ "$parallel" = 1 ]; then
+    export OPENBLAS_NUM_THREADS=1
+    echo "cores: $(nproc); runs side by side, 1 BLAS thread each (BENCH_PARALLEL=1); $iters steps per method, eval every $every"
+else
+    threads=${OPENBLAS_NUM_THREADS:-${OMP_NUM_THREADS:-}}
+    echo "cores: $(nproc); runs one after the other, BLAS threads: ${threads:-OpenBLAS default ($(nproc))}; $iters steps per method, eval every $every"
+fi
 
-rm -f "$out/results.csv" "$out/gemm.csv"
+rm -f "$out"/*.csv
 run() {  # run NAME RSSFILE kfac_demo-args...
     local name=$1 rss=$2; shift 2
     /usr/bin/time -v -o "$rss" "$@" >"$out/$name.log"
 }
-run sgd "$out/sgd.time" build/kfac_demo train --cfg "$sgd_cfg" --method sgd --iters "$iters" --eval-every "$every" \
-    --seed "$seed" --data-dir "$data" --csv "$out/results.csv" --save-init "$out/init.weights"
-run kfac "$out/kfac.time" build/kfac_demo train --cfg "$kfac_cfg" --method kfac --iters "$iters" --eval-every "$every" \
-    --seed "$seed" --data-dir "$data" --csv "$out/results.csv" --init "$out/init.weights"
+pair() {  # pair CMD1 CMD2: both at once (parallel) or in order; fails if either does
+    if [ "$parallel" = 1 ]; then
+        eval "$1" & local p1=$!
+        eval "$2" & local p2=$!
+        wait $p1 && wait $p2
+    else
+        eval "$1" && eval "$2"
+    fi
+}
+# The initial weights both methods start from.
+build/kfac_demo train --cfg "$sgd_cfg" --method init --iters 1 --eval-every 1 --seed "$seed" \
+    --data-dir "$data" --csv "$out/init.csv" --save-init "$out/init.weights" >"$out/init.log" 2>&1
+pair 'run sgd "$out/sgd.time" build/kfac_demo train --cfg "$sgd_cfg" --method sgd --iters "$iters" --eval-every "$every" \
+        --seed "$seed" --data-dir "$data" --csv "$out/sgd.csv" --init "$out/init.weights"' \
+     'run kfac "$out/kfac.time" build/kfac_demo train --cfg "$kfac_cfg" --method kfac --iters "$iters" --eval-every "$every" \
+        --seed "$seed" --data-dir "$data" --csv "$out/kfac.csv" --init "$out/init.weights"'
 # gemm comparison: identical SGD runs, evaluation only at the end.
-run blas "$out/blas.time" build/kfac_demo train --cfg "$sgd_cfg" --method sgd_blas --iters "$giters" --eval-every "$giters" \
-    --seed "$seed" --data-dir "$data" --csv "$out/gemm.csv" --init "$out/init.weights"
-run noblas "$out/noblas.time" "$out/kfac_demo_noblas" train --cfg "$sgd_cfg" --method sgd_upstream --iters "$giters" --eval-every "$giters" \
-    --seed "$seed" --data-dir "$data" --csv "$out/gemm.csv" --init "$out/init.weights"
+pair 'run blas "$out/blas.time" build/kfac_demo train --cfg "$sgd_cfg" --method sgd_blas --iters "$giters" --eval-every "$giters" \
+        --seed "$seed" --data-dir "$data" --csv "$out/gemm_blas.csv" --init "$out/init.weights"' \
+     'run noblas "$out/noblas.time" "$out/kfac_demo_noblas" train --cfg "$sgd_cfg" --method sgd_upstream --iters "$giters" \
+        --eval-every "$giters" --seed "$seed" --data-dir "$data" --csv "$out/gemm_noblas.csv" --init "$out/init.weights"'
+cat "$out/sgd.csv" > "$out/results.csv"; tail -n +2 "$out/kfac.csv" >> "$out/results.csv"
+cat "$out/gemm_blas.csv" > "$out/gemm.csv"; tail -n +2 "$out/gemm_noblas.csv" >> "$out/gemm.csv"
 
 rss() { awk -F: '/Maximum resident set size/ { gsub(/ /, "", $2); print $2 }' "$1"; }
 echo
