@@ -27,7 +27,7 @@
 #   scripts/zoo-retrain.sh --cfgs   only regenerate cfg/zoo-retrain/ (committed;
 #                                   the default ZR_ITERS and ZR_BATCH)
 #
-# Knobs (environment): ZR_ITERS (optimizer steps per method, default 5000),
+# Knobs (environment): ZR_ITERS (optimizer steps per method, default 3000),
 # ZR_EVAL (test-set evaluation every N steps, default ZR_ITERS/30), ZR_SEED
 # (1), ZR_BATCH (128), ZR_DATA (IDX directory). A run trains the cfgs written
 # to build/zoo-retrain/; with the default ZR_ITERS and ZR_BATCH they are the
@@ -35,11 +35,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEF_ITERS=5000 DEF_BATCH=128
-# Default steps: SGD + K-FAC together take about 30 minutes, evaluations
-# included, on the project's 2-core machine (estimated from 1-thread pilot
-# timings, SGD 0.23 s/step at batch 128 and K-FAC about 1.1x that with
-# statistics every 5 steps, and ~1.5x faster on 2 threads).
+DEF_ITERS=3000 DEF_BATCH=128
+# Default steps: SGD + K-FAC together take about 30 minutes on the
+# project's 2-core machine (SGD measured at 0.27 s/step at batch 128 with
+# 2 BLAS threads, K-FAC about 1.1x that with statistics every 5 steps).
 # [kfac] values from a pilot sweep (400 steps, same initial weights and seed;
 # damping {0.001, 0.01} x norm_constraint {0.001, 0.0003, 0.0001}, plus
 # norm_constraint 0.003): best test accuracy, which are cfg/zoo's defaults.
