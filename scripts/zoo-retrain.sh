@@ -36,9 +36,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEF_ITERS=3000 DEF_BATCH=128
-# Default steps: SGD + K-FAC together take about 30 minutes on the
-# project's 2-core machine (SGD measured at 0.27 s/step at batch 128 with
-# 2 BLAS threads, K-FAC about 1.1x that with statistics every 5 steps).
+# Default steps: planned for ~30 minutes of training; measured 2026-11-25 on
+# the project's 2-core VM: SGD 1146 s + K-FAC 1395 s (0.38 and 0.47 s/step
+# at batch 128, default BLAS threads), ~45 minutes with evaluations.
 # [kfac] values from a pilot sweep (400 steps, same initial weights and seed;
 # damping {0.001, 0.01} x norm_constraint {0.001, 0.0003, 0.0001}, plus
 # norm_constraint 0.003): best test accuracy, which are cfg/zoo's defaults.
