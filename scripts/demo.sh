@@ -32,42 +32,7 @@ build/kfac_demo train --cfg "$sgd_cfg" --method sgd --iters "$iters" --eval-ever
 build/kfac_demo train --cfg "$kfac_cfg" --method kfac --iters "$iters" --eval-every "$every" --seed "$seed" \
     --data-dir "$data" --csv "$out/results.csv" --init "$out/init.weights" >"$out/kfac.log"
 
-# One data file per method: gnuplot then needs no CSV filtering of its own.
-for m in sgd kfac; do
-    awk -F, -v m="$m" '$1 == m' "$out/results.csv" > "$out/$m.dat"
-done
-
-if command -v gnuplot >/dev/null 2>&1; then
-    term=png
-    gnuplot -e 'set terminal' 2>&1 | grep -q pngcairo && term="pngcairo"
-    gnuplot <<EOF
-set terminal $term size 1200,900
-set output '$out/compare.png'
-set datafile separator ','
-set key bottom right
-set grid
-set multiplot layout 2,2 title 'Fashion-MNIST: K-FAC vs SGD (same initial weights and minibatches)'
-set ylabel 'train loss (mean since last point)'
-set logscale y
-set key top right
-set xlabel 'iterations'
-plot '$out/sgd.dat' u 2:4 w lp pt 7 ps .4 t 'SGD', '$out/kfac.dat' u 2:4 w lp pt 7 ps .4 t 'K-FAC'
-set xlabel 'training seconds'
-plot '$out/sgd.dat' u 3:4 w lp pt 7 ps .4 t 'SGD', '$out/kfac.dat' u 3:4 w lp pt 7 ps .4 t 'K-FAC'
-unset logscale y
-set key bottom right
-set ylabel 'test accuracy'
-set yrange [0.8:*]
-set xlabel 'iterations'
-plot '$out/sgd.dat' u 2:5 w lp pt 7 ps .4 t 'SGD', '$out/kfac.dat' u 2:5 w lp pt 7 ps .4 t 'K-FAC', 0.9 w l dt 2 lc rgb 'gray' t '90%'
-set xlabel 'training seconds'
-plot '$out/sgd.dat' u 3:5 w lp pt 7 ps .4 t 'SGD', '$out/kfac.dat' u 3:5 w lp pt 7 ps .4 t 'K-FAC', 0.9 w l dt 2 lc rgb 'gray' t '90%'
-unset multiplot
-EOF
-    echo "plot: $out/compare.png"
-else
-    echo "gnuplot not installed: no plot (apt-get install gnuplot-nox)" >&2
-fi
+scripts/plot-compare.sh "$out" "Fashion-MNIST: K-FAC vs SGD (same initial weights and minibatches)"
 
 # Accuracy is only measured every DEMO_EVAL steps, so "reached" means at the
 # first evaluation at or above the threshold (an upper bound on the truth).
