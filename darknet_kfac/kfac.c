@@ -762,7 +762,7 @@ fail:
 
 static kfac_status ensure_inv(kfac_block *b)
 {
-    if (b->Ainv)
+    if (b->Ainv_st)
         return KFAC_OK;
     kfac_status st = ensure_lapack_ws(b);
     if (st != KFAC_OK)
@@ -772,12 +772,16 @@ static kfac_status ensure_inv(kfac_block *b)
     size_t before = b->bytes;
     double *p[4] = {0};
     float *f[4] = {0};
-    p[0] = balloc(b, nA, sizeof(double));
-    p[1] = balloc(b, nG, sizeof(double));
+    /* float products: the staged double inverse goes straight into the
+     * float copy, so no live double inverse is kept */
+    if (!b->float_inv) {
+        p[0] = balloc(b, nA, sizeof(double));
+        p[1] = balloc(b, nG, sizeof(double));
+    }
     p[2] = balloc(b, nA, sizeof(double));
     p[3] = balloc(b, nG, sizeof(double));
     for (int i = 0; i < 4; i++)
-        if (!p[i])
+        if (!p[i] && (i >= 2 || !b->float_inv))
             goto fail;
     if (b->float_inv) {
         f[0] = balloc(b, nA, sizeof(float));
@@ -946,11 +950,12 @@ kfac_status kfac_block_update_inverses(kfac_block *b)
         b->has_eig = 1;
     }
     if (chol) {
-        SWAP(b->Ainv, b->Ainv_st);
-        SWAP(b->Ginv, b->Ginv_st);
         if (b->float_inv) {
-            to_float(b->Ainv, b->Ainv_f, (size_t)b->groups * sqsz(b->kb));
-            to_float(b->Ginv, b->Ginv_f, (size_t)b->groups * sqsz(b->n_g));
+            to_float(b->Ainv_st, b->Ainv_f, (size_t)b->groups * sqsz(b->kb));
+            to_float(b->Ginv_st, b->Ginv_f, (size_t)b->groups * sqsz(b->n_g));
+        } else {
+            SWAP(b->Ainv, b->Ainv_st);
+            SWAP(b->Ginv, b->Ginv_st);
         }
     }
     if (b->inv_registered)

@@ -268,15 +268,15 @@ static void human_bytes(size_t b, char *out, size_t len)
 }
 
 /* The [kfac] max_factor_dim policy (default 8192 in kfac_config_default). A
- * block costs about 32*(kb^2 + n_g^2) bytes (float statistics, double
- * factor, live and staged double inverse, float copy) and one inverse about
+ * block costs about 28*(kb^2 + n_g^2) bytes (float statistics, double
+ * factor, staged double inverse, live float inverse) and one inverse about
  * kb^3 + n_g^3 flops: at 8192, at most ~1.9 GB and ~10 s of inverse on two
  * cores for one layer. In upstream
  * Darknet's cfg/ every factor is either <= 4609 (3x3x512 + bias: all of
  * darknet19/53, resnet/resnext, densenet, vgg-16 convs, yolov3) or >= 9216
  * (3x3x1024 in yolov2/yolov1, alexnet fc6 9217, strided fc 16385, vgg-16 fc6
  * 25089, extraction22k's 21842 classes), so any value in between gives the
- * same split. The largest zoo networks allocate 20-29 GB of K-FAC state,
+ * same split. The largest zoo networks allocate 18-26 GB of K-FAC state,
  * most of it the per-block eigen-fallback workspace that stays untouched
  * (not resident) unless a Cholesky fails (docs/zoo.md). */
 /* The dimensions of a layer's factors as its block would have them. */
