@@ -33,7 +33,9 @@ endif
 CFLAGS_KFAC := -std=gnu99 -O2 -g -Wall -Wextra -Wno-unused-parameter -fPIC $(SANFLAGS) -Idarknet_kfac
 LDLIBS_KFAC := -llapacke -lopenblas -lm
 
-LIB_SRC  := darknet_kfac/kfac.c darknet_kfac/kfac_linalg.c darknet_kfac/kfac_config.c darknet_kfac/kfac_ckpt.c
+# The library is every darknet_kfac/*.c but the Darknet glue (kfac_darknet*.c)
+# and the `darknet kfac` command (kfac_cli.c), which need Darknet's headers.
+LIB_SRC  := $(filter-out darknet_kfac/kfac_darknet% darknet_kfac/kfac_cli.c,$(wildcard darknet_kfac/*.c))
 LIB_OBJ  := $(patsubst darknet_kfac/%.c,$(OUT)/lib/%.o,$(LIB_SRC))
 LIB_HDR  := $(wildcard darknet_kfac/*.h)
 

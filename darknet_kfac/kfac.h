@@ -453,6 +453,167 @@ kfac_status kfac_ckpt_load(const char *path, const char *fingerprint,
 kfac_status kfac_ckpt_load_buffer(const void *buf, size_t len, const char *fingerprint,
                                   const kfac_ckpt_entry *e, int n, char *err, size_t errlen);
 
+/* The fingerprint stored in <path>, as printable text (bytes outside
+ * printable ASCII as '?', cut to outlen-1 with "..."), read from the header
+ * alone and not checked against the checksum: for explaining a refusal, not
+ * for trusting. KFAC_ERR_IO if the file cannot be opened, KFAC_ERR_FORMAT
+ * if it has no readable header of this format version. */
+kfac_status kfac_ckpt_fingerprint(const char *path, char *out, size_t outlen, char *err,
+                                  size_t errlen);
+
+/* ------------------------------------------------------------ state */
+
+/* A block's resumable state as named arrays that point into the block's own
+ * storage (factors, the damping split and inverse as live, flags), for
+ * kfac_ckpt_save / kfac_ckpt_load. Names are relative to the block ("A",
+ * "G_inverse_f32", ...): a caller with several blocks prefixes them. Which
+ * arrays there are depends only on the block's shapes, damping type,
+ * precision and registrations, so two blocks made alike list the same.
+ * Returns how many entries there are; fills e[0..min(that, max)-1] (e may be
+ * NULL with max 0 to count). The pointers stay valid until the next call
+ * that changes the block. Before a save they hold the current state. */
+int kfac_block_state(kfac_block *b, kfac_ckpt_entry *e, int max);
+/* After kfac_ckpt_load filled the arrays of kfac_block_state: checks the
+ * flags (KFAC_ERR_FORMAT if inconsistent) and makes them current; pending
+ * statistics are cleared. */
+kfac_status kfac_block_state_loaded(kfac_block *b);
+
+/* ------------------------------------------------------------ optimizer context */
+
+/* The whole K-FAC optimizer for a set of layers, in the style of ggml-opt:
+ * one opaque context created from a checked kfac_config, owning the blocks,
+ * momentum buffers, scratch, the current damping, the step counters and the
+ * failure counts, and running the whole step (statistics into factors,
+ * inverses on their schedule, preconditioning, norm constraint, momentum,
+ * weights). The caller owns the layers' weights and gradient buffers and
+ * hands them over once per layer; it captures statistics into
+ * kfac_opt_block() between steps. Nothing here prints. */
+typedef struct kfac_opt kfac_opt;
+
+/* Called on every statistics step for every block, after the last
+ * accumulate and before the sums become factors: the one place where
+ * data-parallel training sums the raw statistics of all processes. sums[i]
+ * holds count[i] square dim[i] x dim[i] matrices (upper triangles
+ * meaningful), *examples the examples they were summed over (equal for every
+ * array; the hook may change it, e.g. to the global count). */
+typedef kfac_status (*kfac_stats_hook)(void *ctx, int layer_id, float *const *sums,
+                                       const int *dim, const int *count, int nsums,
+                                       long *examples);
+
+/* Creates a context for at most max_layers layers. cfg is checked once
+ * (kfac_config_check) together with the effective momentum (cfg->momentum,
+ * or net_momentum when cfg->momentum < 0; must be in [0, 1)); on failure
+ * returns KFAC_ERR_INVALID_ARG with a one-line message in err. cfg is
+ * copied. Free with kfac_opt_free (NULL is a no-op). */
+kfac_status kfac_opt_create(const kfac_config *cfg, double net_momentum, int max_layers,
+                            kfac_opt **out, char *err, size_t errlen);
+void kfac_opt_free(kfac_opt *o);
+
+/* Optional statistics hook (NULL: none). */
+void kfac_opt_set_stats_hook(kfac_opt *o, kfac_stats_hook fn, void *ctx);
+
+/* One layer: a conv block (geom != NULL) or a connected block (inputs,
+ * outputs, bias). w/grad_w: the layer's weights and minus the batch-summed
+ * gradient, Darknet layout (kfac.h top); b/grad_b the same for the bias
+ * when the block has one (else NULL). aux[0..naux-1] (naux <= 2, aux_n
+ * floats each) are further gradient accumulators of the layer that the
+ * context does not update but checks for finiteness and clears on a skipped
+ * step (batch-norm shifts and scales). id is the caller's name for the layer
+ * (its index in the network), used in state names and reports. The block is
+ * created with the context's damping type, precision and current damping,
+ * and its inverse registered. Returns the slot (0, 1, ...) in *slot. */
+typedef struct {
+    int id;
+    const kfac_conv_geom *geom;   /* NULL for a connected layer */
+    int inputs, outputs, bias;    /* connected only */
+    float *w, *b, *grad_w, *grad_b;
+    float *aux[2];
+    int naux;
+    size_t aux_n;
+} kfac_opt_layer;
+kfac_status kfac_opt_add_layer(kfac_opt *o, const kfac_opt_layer *L, int *slot);
+
+int kfac_opt_num_layers(const kfac_opt *o);
+/* the context's copy of the config it was created with */
+const kfac_config *kfac_opt_config(const kfac_opt *o);
+kfac_block *kfac_opt_block(const kfac_opt *o, int slot);   /* NULL if out of range */
+int kfac_opt_layer_id(const kfac_opt *o, int slot);        /* -1 if out of range */
+/* momentum buffers of a slot (vel_b NULL without bias); KFAC_ERR_INVALID_ARG
+ * out of range */
+kfac_status kfac_opt_velocity(const kfac_opt *o, int slot, float **vel_w, float **vel_b);
+/* bytes allocated for a slot (block and buffers), and failed steps it caused */
+size_t kfac_opt_layer_bytes(const kfac_opt *o, int slot);
+int kfac_opt_layer_failures(const kfac_opt *o, int slot);
+
+typedef struct {
+    double damping;          /* current lambda */
+    double momentum;         /* effective mu */
+    long   steps_run;        /* kfac_opt_step calls that ran (counted when skipped too) */
+    int    consecutive_failures;
+    long   total_failures;
+    int    ready;            /* every block has an inverse */
+    int    nlayers;
+    size_t bytes;            /* all slots */
+    unsigned long long seed; /* the caller's key for sampled targets (state) */
+} kfac_opt_info;
+kfac_status kfac_opt_info_get(const kfac_opt *o, kfac_opt_info *info);
+/* The seed is state the caller keys its sampled targets with: saved and
+ * restored with the rest. */
+void kfac_opt_set_seed(kfac_opt *o, unsigned long long seed);
+
+/* 1 when step `step` (the caller's 0-based update index) gathers statistics:
+ * every cov_update_every-th step, and every step until all blocks have an
+ * inverse (first steps, a resume without state). */
+int kfac_opt_is_stats_step(const kfac_opt *o, long step);
+
+typedef struct {
+    long   step;                /* 0-based index of this update (schedules) */
+    double learning_rate;       /* eta after the caller's policy */
+    double base_learning_rate;  /* the policy's base rate (norm_constraint_lr=base) */
+    double decay;               /* weight decay, weights only */
+    int    batch;               /* examples the gradients are summed over */
+} kfac_opt_step_args;
+
+typedef struct {
+    int stats_step;          /* statistics were folded into the factors */
+    int cov_failed;          /* layers whose statistics were rejected */
+    int inv_failed;          /* layers whose inverse update failed */
+    int bad_grad_slot;       /* first slot with a non-finite gradient, -1 */
+    int skipped_step;        /* nothing moved: cov_failed, inv_failed or bad grad */
+    kfac_step_report step;   /* the preconditioned step (zero when skipped) */
+    int failed;              /* this step counts as failed */
+    int stop;                /* consecutive failures reached max_failures */
+    int first_bad_id;        /* layer id of the first trouble, -1 */
+    /* per slot, this step: status of the statistics fold and of the inverse
+     * update (KFAC_OK when not attempted); owned by the context */
+    const kfac_status *cov_status, *inv_status;
+    double t_fold, t_inv, t_precond; /* seconds in each phase */
+} kfac_opt_report;
+
+/* One optimizer step over every slot, on gradients the caller has summed:
+ * on a statistics step the accumulated statistics become factors (through
+ * the hook); inverses are recomputed every invert_every steps (and while a
+ * block has none) with the current damping; then, unless statistics or an
+ * inverse were rejected or a gradient (w, b or aux) is not finite -- which
+ * skips the whole step, clears every gradient and moves nothing, so no
+ * layer moves on a step another one rejected -- kfac_step runs with the
+ * norm constraint of the cfg (scaled by (eta/eta_0)^2 with
+ * norm_constraint_lr=base). Counters and the report follow. Returns
+ * KFAC_ERR_INVALID_ARG / NULL for bad arguments (nothing changed), else
+ * KFAC_OK even when the step failed (see report). */
+kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *args, kfac_opt_report *rep);
+
+/* The context's resumable state (every block's kfac_block_state, momentum,
+ * counters, damping, seed) as checkpoint entries named "kfac.<id>.<name>"
+ * and "opt.<name>" into names (the caller's buffer of n names), pointing
+ * into the context's storage. Returns the number of entries (call with
+ * e == NULL, n == 0 to count), or -1 if names/e are too small. After
+ * kfac_ckpt_load into them, kfac_opt_state_loaded makes them current
+ * (KFAC_ERR_FORMAT if inconsistent). */
+#define KFAC_STATE_NAME 64
+int kfac_opt_state(kfac_opt *o, kfac_ckpt_entry *e, char (*names)[KFAC_STATE_NAME], int n);
+kfac_status kfac_opt_state_loaded(kfac_opt *o);
+
 #ifdef __cplusplus
 }
 #endif

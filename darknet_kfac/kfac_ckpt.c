@@ -20,7 +20,7 @@
  * checksum so that a foreign, newer or truncated file gets a precise message
  * instead of a generic "checksum mismatch".
  */
-#include "kfac.h"
+#include "kfac_ckpt_format.h"
 #include "kfac_alloc.h"
 
 #include <errno.h>
@@ -32,13 +32,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define CKPT_MAGIC     "KFACCKPT"
-#define CKPT_MAGIC_LEN 8
-#define CKPT_HDR_LEN   24 /* magic, version, entry count, length */
-#define CKPT_CRC_LEN   4
-#define CKPT_MIN_LEN   (CKPT_HDR_LEN + 4 + CKPT_CRC_LEN) /* empty fingerprint, no entries */
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
+void kfac_ck_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
     if (!err || errlen == 0)
         return;
@@ -54,12 +48,8 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
  * context (1 KiB on the stack, 2k operations to build) rather than in a
  * lazily initialised static so the functions stay reentrant. CRC-32 detects
  * every error burst up to 32 bits, so a flipped byte is always caught. */
-typedef struct {
-    uint32_t table[256];
-    uint32_t crc;
-} crc32_ctx;
 
-static void crc32_init(crc32_ctx *c)
+void kfac_ck_crc32_init(crc32_ctx *c)
 {
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t r = i;
@@ -70,7 +60,7 @@ static void crc32_init(crc32_ctx *c)
     c->crc = 0xFFFFFFFFu;
 }
 
-static void crc32_update(crc32_ctx *c, const unsigned char *p, size_t n)
+void kfac_ck_crc32_update(crc32_ctx *c, const unsigned char *p, size_t n)
 {
     uint32_t r = c->crc;
     for (size_t i = 0; i < n; i++)
@@ -78,26 +68,26 @@ static void crc32_update(crc32_ctx *c, const unsigned char *p, size_t n)
     c->crc = r;
 }
 
-static uint32_t crc32_final(const crc32_ctx *c)
+uint32_t kfac_ck_crc32_final(const crc32_ctx *c)
 {
     return c->crc ^ 0xFFFFFFFFu;
 }
 
 /* ---------------------------------------------------- little-endian coding */
 
-static void put_u32(unsigned char *p, uint32_t v)
+void kfac_ck_put_u32(unsigned char *p, uint32_t v)
 {
     for (int i = 0; i < 4; i++)
         p[i] = (unsigned char)(v >> (8 * i));
 }
 
-static void put_u64(unsigned char *p, uint64_t v)
+void kfac_ck_put_u64(unsigned char *p, uint64_t v)
 {
     for (int i = 0; i < 8; i++)
         p[i] = (unsigned char)(v >> (8 * i));
 }
 
-static uint32_t get_u32(const unsigned char *p)
+uint32_t kfac_ck_get_u32(const unsigned char *p)
 {
     uint32_t v = 0;
     for (int i = 3; i >= 0; i--)
@@ -105,7 +95,7 @@ static uint32_t get_u32(const unsigned char *p)
     return v;
 }
 
-static uint64_t get_u64(const unsigned char *p)
+uint64_t kfac_ck_get_u64(const unsigned char *p)
 {
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--)
@@ -115,7 +105,7 @@ static uint64_t get_u64(const unsigned char *p)
 
 /* Bytes per element; 0 for a type code that does not exist (the file's type
  * field is untrusted, and so is a caller's enum value). */
-static size_t elem_size(uint32_t type)
+size_t kfac_ck_elem_size(uint32_t type)
 {
     switch (type) {
     case KFAC_CKPT_F32: return 4;
@@ -125,7 +115,7 @@ static size_t elem_size(uint32_t type)
     }
 }
 
-static const char *type_name(uint32_t type)
+const char *kfac_ck_type_name(uint32_t type)
 {
     switch (type) {
     case KFAC_CKPT_F32: return "f32";
@@ -136,9 +126,9 @@ static const char *type_name(uint32_t type)
 }
 
 /* A name or fingerprint read from the file goes into a message: cut it short
- * and replace bytes that are not printable ASCII, so a corrupt file cannot
+ * and replace bytes that are not kfac_ck_printable ASCII, so a corrupt file cannot
  * put control characters or an unterminated string into the caller's log. */
-static void printable(const unsigned char *s, size_t n, char *out, size_t outlen)
+void kfac_ck_printable(const unsigned char *s, size_t n, char *out, size_t outlen)
 {
     size_t cap = outlen - 1, j = 0;
     int cut = n > cap;
@@ -156,58 +146,58 @@ static void printable(const unsigned char *s, size_t n, char *out, size_t outlen
 
 /* Everything about the caller's arguments that does not depend on the file,
  * checked before any file is opened so argument mistakes never touch disk. */
-static kfac_status check_args(const char *fingerprint, const kfac_ckpt_entry *e, int n,
+kfac_status kfac_ck_check_args(const char *fingerprint, const kfac_ckpt_entry *e, int n,
                               char *err, size_t errlen)
 {
     if (!fingerprint) {
-        set_err(err, errlen, "checkpoint: fingerprint is NULL");
+        kfac_ck_set_err(err, errlen, "checkpoint: fingerprint is NULL");
         return KFAC_ERR_NULL;
     }
     if (n < 0) {
-        set_err(err, errlen, "checkpoint: negative entry count %d", n);
+        kfac_ck_set_err(err, errlen, "checkpoint: negative entry count %d", n);
         return KFAC_ERR_INVALID_ARG;
     }
     if (n > 0 && !e) {
-        set_err(err, errlen, "checkpoint: entry array is NULL");
+        kfac_ck_set_err(err, errlen, "checkpoint: entry array is NULL");
         return KFAC_ERR_NULL;
     }
     if (strlen(fingerprint) > KFAC_CKPT_MAX_FINGERPRINT) {
-        set_err(err, errlen, "checkpoint: fingerprint longer than %d bytes",
+        kfac_ck_set_err(err, errlen, "checkpoint: fingerprint longer than %d bytes",
                 KFAC_CKPT_MAX_FINGERPRINT);
         return KFAC_ERR_INVALID_ARG;
     }
     for (int i = 0; i < n; i++) {
         if (!e[i].name) {
-            set_err(err, errlen, "checkpoint: entry %d has a NULL name", i);
+            kfac_ck_set_err(err, errlen, "checkpoint: entry %d has a NULL name", i);
             return KFAC_ERR_NULL;
         }
         size_t len = strlen(e[i].name);
         if (len == 0 || len > KFAC_CKPT_MAX_NAME) {
-            set_err(err, errlen, "checkpoint: entry %d: name must be 1..%d bytes", i,
+            kfac_ck_set_err(err, errlen, "checkpoint: entry %d: name must be 1..%d bytes", i,
                     KFAC_CKPT_MAX_NAME);
             return KFAC_ERR_INVALID_ARG;
         }
-        size_t esz = elem_size((uint32_t)e[i].type);
+        size_t esz = kfac_ck_elem_size((uint32_t)e[i].type);
         if (esz == 0) {
-            set_err(err, errlen, "checkpoint: entry '%s': unknown type %d", e[i].name,
+            kfac_ck_set_err(err, errlen, "checkpoint: entry '%s': unknown type %d", e[i].name,
                     (int)e[i].type);
             return KFAC_ERR_INVALID_ARG;
         }
         /* The byte size must fit both size_t (for pointer arithmetic) and the
          * file's 64-bit length field. */
         if (e[i].count > SIZE_MAX / esz || (uint64_t)e[i].count > UINT64_MAX / 16 / esz) {
-            set_err(err, errlen, "checkpoint: entry '%s': %zu elements is too many",
+            kfac_ck_set_err(err, errlen, "checkpoint: entry '%s': %zu elements is too many",
                     e[i].name, e[i].count);
             return KFAC_ERR_INVALID_ARG;
         }
         if (e[i].count > 0 && !e[i].data) {
-            set_err(err, errlen, "checkpoint: entry '%s' has NULL data", e[i].name);
+            kfac_ck_set_err(err, errlen, "checkpoint: entry '%s' has NULL data", e[i].name);
             return KFAC_ERR_NULL;
         }
         /* Quadratic, but n is a few entries per layer: hundreds at most. */
         for (int j = 0; j < i; j++)
             if (strcmp(e[j].name, e[i].name) == 0) {
-                set_err(err, errlen, "checkpoint: entry name '%s' used twice", e[i].name);
+                kfac_ck_set_err(err, errlen, "checkpoint: entry name '%s' used twice", e[i].name);
                 return KFAC_ERR_INVALID_ARG;
             }
     }
@@ -226,7 +216,7 @@ static void w_bytes(writer *w, const void *p, size_t n)
 {
     if (w->err_no || n == 0)
         return;
-    crc32_update(&w->crc, p, n);
+    kfac_ck_crc32_update(&w->crc, p, n);
     errno = 0;
     if (fwrite(p, 1, n, w->f) != n)
         w->err_no = errno ? errno : EIO;
@@ -235,14 +225,14 @@ static void w_bytes(writer *w, const void *p, size_t n)
 static void w_u32(writer *w, uint32_t v)
 {
     unsigned char b[4];
-    put_u32(b, v);
+    kfac_ck_put_u32(b, v);
     w_bytes(w, b, 4);
 }
 
 static void w_u64(writer *w, uint64_t v)
 {
     unsigned char b[8];
-    put_u64(b, v);
+    kfac_ck_put_u64(b, v);
     w_bytes(w, b, 8);
 }
 
@@ -251,18 +241,18 @@ static void w_u64(writer *w, uint64_t v)
 static void w_data(writer *w, const kfac_ckpt_entry *e)
 {
     unsigned char chunk[4096];
-    size_t esz = elem_size((uint32_t)e->type), per = sizeof chunk / esz;
+    size_t esz = kfac_ck_elem_size((uint32_t)e->type), per = sizeof chunk / esz;
     for (size_t i = 0; i < e->count && !w->err_no; i += per) {
         size_t m = e->count - i < per ? e->count - i : per;
         for (size_t j = 0; j < m; j++) {
             if (esz == 4) {
                 uint32_t v;
                 memcpy(&v, (const unsigned char *)e->data + (i + j) * 4, 4);
-                put_u32(chunk + j * 4, v);
+                kfac_ck_put_u32(chunk + j * 4, v);
             } else {
                 uint64_t v;
                 memcpy(&v, (const unsigned char *)e->data + (i + j) * 8, 8);
-                put_u64(chunk + j * 8, v);
+                kfac_ck_put_u64(chunk + j * 8, v);
             }
         }
         w_bytes(w, chunk, m * esz);
@@ -300,23 +290,23 @@ kfac_status kfac_ckpt_save(const char *path, const char *fingerprint,
     int created = 0, renaming = 0;
 
     if (!path) {
-        set_err(err, errlen, "checkpoint: path is NULL");
+        kfac_ck_set_err(err, errlen, "checkpoint: path is NULL");
         return KFAC_ERR_NULL;
     }
-    st = check_args(fingerprint, e, n, err, errlen);
+    st = kfac_ck_check_args(fingerprint, e, n, err, errlen);
     if (st != KFAC_OK)
         return st;
 
     /* Total length, written into the header so the reader can tell a
-     * truncated file from a corrupt one. check_args bounded each entry to
+     * truncated file from a corrupt one. kfac_ck_check_args bounded each entry to
      * UINT64_MAX/16 bytes, so only the sum needs checking. */
     size_t fplen = strlen(fingerprint);
     uint64_t total = CKPT_HDR_LEN + 4 + (uint64_t)fplen + CKPT_CRC_LEN;
     for (int i = 0; i < n; i++) {
         uint64_t bytes = 4 + (uint64_t)strlen(e[i].name) + 4 + 8 +
-                         (uint64_t)e[i].count * elem_size((uint32_t)e[i].type);
+                         (uint64_t)e[i].count * kfac_ck_elem_size((uint32_t)e[i].type);
         if (total > UINT64_MAX - bytes) {
-            set_err(err, errlen, "checkpoint: entries too large for one file");
+            kfac_ck_set_err(err, errlen, "checkpoint: entries too large for one file");
             return KFAC_ERR_INVALID_ARG;
         }
         total += bytes;
@@ -326,7 +316,7 @@ kfac_status kfac_ckpt_save(const char *path, const char *fingerprint,
     st = KFAC_ERR_IO; /* until the rename has succeeded */
     tmp = KFAC_MALLOC(plen + 5);
     if (!tmp) {
-        set_err(err, errlen, "checkpoint: out of memory");
+        kfac_ck_set_err(err, errlen, "checkpoint: out of memory");
         st = KFAC_ERR_NOMEM;
         goto fail;
     }
@@ -339,13 +329,13 @@ kfac_status kfac_ckpt_save(const char *path, const char *fingerprint,
         goto fail;
     }
     created = 1;
-    crc32_init(&w.crc);
+    kfac_ck_crc32_init(&w.crc);
 
     unsigned char hdr[CKPT_HDR_LEN];
     memcpy(hdr, CKPT_MAGIC, CKPT_MAGIC_LEN);
-    put_u32(hdr + 8, KFAC_CKPT_VERSION);
-    put_u32(hdr + 12, (uint32_t)n);
-    put_u64(hdr + 16, total);
+    kfac_ck_put_u32(hdr + 8, KFAC_CKPT_VERSION);
+    kfac_ck_put_u32(hdr + 12, (uint32_t)n);
+    kfac_ck_put_u64(hdr + 16, total);
     w_bytes(&w, hdr, sizeof hdr);
     w_u32(&w, (uint32_t)fplen);
     w_bytes(&w, fingerprint, fplen);
@@ -360,7 +350,7 @@ kfac_status kfac_ckpt_save(const char *path, const char *fingerprint,
     if (!w.err_no) {
         /* The trailer is not part of its own checksum: write it directly. */
         unsigned char c[4];
-        put_u32(c, crc32_final(&w.crc));
+        kfac_ck_put_u32(c, kfac_ck_crc32_final(&w.crc));
         errno = 0;
         if (fwrite(c, 1, 4, w.f) != 4)
             w.err_no = errno ? errno : EIO;
@@ -387,17 +377,17 @@ kfac_status kfac_ckpt_save(const char *path, const char *fingerprint,
     }
     created = 0;
     sync_dir(tmp, path); /* tmp's buffer is long enough for the directory */
-    set_err(err, errlen, "%s", "");
+    kfac_ck_set_err(err, errlen, "%s", "");
     st = KFAC_OK;
 
 fail:
     if (st != KFAC_OK && w.err_no) {
         st = KFAC_ERR_IO;
         if (renaming)
-            set_err(err, errlen, "cannot rename '%s' to '%s': %s", tmp, path,
+            kfac_ck_set_err(err, errlen, "cannot rename '%s' to '%s': %s", tmp, path,
                     strerror(w.err_no));
         else
-            set_err(err, errlen, "cannot write sidecar '%s': %s", tmp, strerror(w.err_no));
+            kfac_ck_set_err(err, errlen, "cannot write sidecar '%s': %s", tmp, strerror(w.err_no));
     }
     if (w.f)
         fclose(w.f);
@@ -407,269 +397,3 @@ fail:
     return st;
 }
 
-/* ------------------------------------------------------------------ reader */
-
-/* Validates the image p[0..len) against the caller's entries and, only when
- * all of it is good, copies the arrays out. where[i] records the offset of
- * e[i]'s data found in the first pass; offset 0 cannot hold data (it is the
- * magic), so 0 means "not seen yet". */
-static kfac_status parse(const unsigned char *p, size_t len, const char *fingerprint,
-                         const kfac_ckpt_entry *e, int n, char *err, size_t errlen)
-{
-    kfac_status st = KFAC_ERR_FORMAT;
-    size_t *where = NULL;
-    char shown[80], shown2[80];
-
-    if (len < CKPT_MAGIC_LEN) {
-        set_err(err, errlen, "truncated sidecar: %zu bytes, too short for a header", len);
-        return KFAC_ERR_FORMAT;
-    }
-    if (memcmp(p, CKPT_MAGIC, CKPT_MAGIC_LEN) != 0) {
-        set_err(err, errlen, "not a K-FAC sidecar (bad magic)");
-        return KFAC_ERR_FORMAT;
-    }
-    if (len < CKPT_HDR_LEN) {
-        set_err(err, errlen, "truncated sidecar: %zu bytes, too short for a header", len);
-        return KFAC_ERR_FORMAT;
-    }
-    uint32_t version = get_u32(p + 8);
-    if (version != KFAC_CKPT_VERSION) {
-        set_err(err, errlen, "unsupported sidecar format version %u (this build reads %u)",
-                (unsigned)version, (unsigned)KFAC_CKPT_VERSION);
-        return KFAC_ERR_FORMAT;
-    }
-    uint64_t stated = get_u64(p + 16);
-    if (stated != (uint64_t)len) {
-        set_err(err, errlen, "%s sidecar: header says %llu bytes, found %zu",
-                stated > (uint64_t)len ? "truncated" : "trailing data in",
-                (unsigned long long)stated, len);
-        return KFAC_ERR_FORMAT;
-    }
-    if (len < CKPT_MIN_LEN) {
-        set_err(err, errlen, "truncated sidecar: %zu bytes, too short for a header", len);
-        return KFAC_ERR_FORMAT;
-    }
-    {
-        crc32_ctx c;
-        crc32_init(&c);
-        crc32_update(&c, p, len - CKPT_CRC_LEN);
-        if (crc32_final(&c) != get_u32(p + len - CKPT_CRC_LEN)) {
-            set_err(err, errlen, "sidecar checksum mismatch (file is corrupted)");
-            return KFAC_ERR_FORMAT;
-        }
-    }
-
-    /* From here on the bytes are what the writer wrote, unless the file was
-     * crafted; the structure is still checked as if it were hostile. Every
-     * length is compared against what remains (end - pos) before use, so no
-     * addition or multiplication below can overflow. */
-    const size_t end = len - CKPT_CRC_LEN;
-    size_t pos = CKPT_HDR_LEN;
-    uint32_t nfile = get_u32(p + 12);
-
-    uint32_t fplen = get_u32(p + pos);
-    pos += 4;
-    if (fplen > KFAC_CKPT_MAX_FINGERPRINT || fplen > end - pos) {
-        set_err(err, errlen, "malformed sidecar: fingerprint length %u out of range",
-                (unsigned)fplen);
-        return KFAC_ERR_FORMAT;
-    }
-    if (fplen != strlen(fingerprint) || memcmp(p + pos, fingerprint, fplen) != 0) {
-        printable(p + pos, fplen, shown, sizeof shown);
-        printable((const unsigned char *)fingerprint, strlen(fingerprint), shown2,
-                  sizeof shown2);
-        set_err(err, errlen,
-                "sidecar was written for a different cfg or layer shapes "
-                "(sidecar fingerprint \"%s\", current \"%s\")", shown, shown2);
-        return KFAC_ERR_FORMAT;
-    }
-    pos += fplen;
-
-    where = KFAC_CALLOC(n > 0 ? (size_t)n : 1, sizeof *where);
-    if (!where) {
-        set_err(err, errlen, "checkpoint: out of memory");
-        st = KFAC_ERR_NOMEM;
-        goto fail;
-    }
-
-    for (uint32_t k = 0; k < nfile; k++) {
-        if (end - pos < 4) {
-            set_err(err, errlen, "malformed sidecar: entry %u of %u cut short",
-                    (unsigned)k, (unsigned)nfile);
-            goto fail;
-        }
-        uint32_t nl = get_u32(p + pos);
-        pos += 4;
-        if (nl == 0 || nl > KFAC_CKPT_MAX_NAME || nl > end - pos) {
-            set_err(err, errlen, "malformed sidecar: entry %u name length %u out of range",
-                    (unsigned)k, (unsigned)nl);
-            goto fail;
-        }
-        const unsigned char *name = p + pos;
-        pos += nl;
-        printable(name, nl, shown, sizeof shown);
-        if (end - pos < 12) {
-            set_err(err, errlen, "malformed sidecar: entry '%s' cut short", shown);
-            goto fail;
-        }
-        uint32_t type = get_u32(p + pos);
-        uint64_t count = get_u64(p + pos + 4);
-        pos += 12;
-        size_t esz = elem_size(type);
-        if (esz == 0) {
-            set_err(err, errlen, "malformed sidecar: entry '%s' has unknown type code %u",
-                    shown, (unsigned)type);
-            goto fail;
-        }
-        if (count > (uint64_t)((end - pos) / esz)) {
-            set_err(err, errlen,
-                    "malformed sidecar: entry '%s' claims %llu elements, more than the file holds",
-                    shown, (unsigned long long)count);
-            goto fail;
-        }
-        int i;
-        for (i = 0; i < n; i++)
-            if (strlen(e[i].name) == nl && memcmp(e[i].name, name, nl) == 0)
-                break;
-        if (i == n) {
-            set_err(err, errlen, "sidecar has an entry '%s' this network does not expect "
-                    "(different cfg or layer shapes?)", shown);
-            goto fail;
-        }
-        if (where[i]) {
-            set_err(err, errlen, "malformed sidecar: entry '%s' appears twice", shown);
-            goto fail;
-        }
-        if (type != (uint32_t)e[i].type) {
-            set_err(err, errlen, "sidecar entry '%s' is %s, expected %s", shown,
-                    type_name(type), type_name((uint32_t)e[i].type));
-            goto fail;
-        }
-        if (count != (uint64_t)e[i].count) {
-            set_err(err, errlen, "sidecar entry '%s' has %llu elements, expected %zu "
-                    "(different cfg or layer shapes?)", shown,
-                    (unsigned long long)count, e[i].count);
-            goto fail;
-        }
-        where[i] = pos;
-        pos += (size_t)count * esz;
-    }
-    if (pos != end) {
-        set_err(err, errlen, "malformed sidecar: %zu unexpected bytes after the last entry",
-                end - pos);
-        goto fail;
-    }
-    for (int i = 0; i < n; i++)
-        if (!where[i]) {
-            set_err(err, errlen, "sidecar has no entry '%s' (different cfg or layer shapes?)",
-                    e[i].name);
-            goto fail;
-        }
-
-    /* Everything checked: only now touch the caller's buffers. */
-    for (int i = 0; i < n; i++) {
-        const unsigned char *src = p + where[i];
-        unsigned char *dst = e[i].data;
-        if (elem_size((uint32_t)e[i].type) == 4) {
-            for (size_t j = 0; j < e[i].count; j++) {
-                uint32_t v = get_u32(src + 4 * j);
-                memcpy(dst + 4 * j, &v, 4);
-            }
-        } else {
-            for (size_t j = 0; j < e[i].count; j++) {
-                uint64_t v = get_u64(src + 8 * j);
-                memcpy(dst + 8 * j, &v, 8);
-            }
-        }
-    }
-    set_err(err, errlen, "%s", "");
-    st = KFAC_OK;
-fail:
-    KFAC_FREE(where);
-    return st;
-}
-
-kfac_status kfac_ckpt_load_buffer(const void *buf, size_t len, const char *fingerprint,
-                                  const kfac_ckpt_entry *e, int n, char *err, size_t errlen)
-{
-    if (!buf) {
-        set_err(err, errlen, "checkpoint: buffer is NULL");
-        return KFAC_ERR_NULL;
-    }
-    kfac_status st = check_args(fingerprint, e, n, err, errlen);
-    if (st != KFAC_OK)
-        return st;
-    return parse(buf, len, fingerprint, e, n, err, errlen);
-}
-
-kfac_status kfac_ckpt_load(const char *path, const char *fingerprint,
-                           const kfac_ckpt_entry *e, int n, char *err, size_t errlen)
-{
-    kfac_status st;
-    unsigned char *img = NULL;
-    int fd = -1;
-    char msg[512];
-
-    if (!path) {
-        set_err(err, errlen, "checkpoint: path is NULL");
-        return KFAC_ERR_NULL;
-    }
-    st = check_args(fingerprint, e, n, err, errlen);
-    if (st != KFAC_OK)
-        return st;
-
-    fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        set_err(err, errlen, "cannot open sidecar '%s': %s", path, strerror(errno));
-        st = KFAC_ERR_IO;
-        goto fail;
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        set_err(err, errlen, "cannot stat sidecar '%s': %s", path, strerror(errno));
-        st = KFAC_ERR_IO;
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        set_err(err, errlen, "sidecar '%s' is not a regular file", path);
-        st = KFAC_ERR_IO;
-        goto fail;
-    }
-    if (sb.st_size < 0 || (uint64_t)sb.st_size >= SIZE_MAX) {
-        set_err(err, errlen, "sidecar '%s' is too large to load", path);
-        st = KFAC_ERR_FORMAT;
-        goto fail;
-    }
-    /* Read exactly what fstat promised; a file that shrank meanwhile is
-     * parsed as the shorter image and refused as truncated. */
-    size_t want = (size_t)sb.st_size, got = 0;
-    img = KFAC_MALLOC(want ? want : 1);
-    if (!img) {
-        set_err(err, errlen, "cannot load sidecar '%s': out of memory (%zu bytes)", path, want);
-        st = KFAC_ERR_NOMEM;
-        goto fail;
-    }
-    while (got < want) {
-        ssize_t r = read(fd, img + got, want - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            set_err(err, errlen, "cannot read sidecar '%s': %s", path, strerror(errno));
-            st = KFAC_ERR_IO;
-            goto fail;
-        }
-        if (r == 0)
-            break;
-        got += (size_t)r;
-    }
-    st = parse(img, got, fingerprint, e, n, msg, sizeof msg);
-    if (st != KFAC_OK)
-        set_err(err, errlen, "%s: %s", path, msg);
-    else
-        set_err(err, errlen, "%s", "");
-fail:
-    if (fd >= 0)
-        close(fd);
-    KFAC_FREE(img);
-    return st;
-}

@@ -8,8 +8,8 @@
  * examples/ (progress line, `darknet kfac check`). With net->kfac == NULL
  * every hook is skipped and Darknet behaves exactly as upstream.
  *
- * The state types are public so that tests can look at the blocks and the
- * counters; nothing outside the glue should write to them.
+ * The glue's state (kfac_darknet_internal.h) is private to the glue and its
+ * tests; the K-FAC state itself lives in the library's kfac_opt context.
  */
 #ifndef KFAC_DARKNET_H
 #define KFAC_DARKNET_H
@@ -21,65 +21,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-struct kfac_net_state;
-
-/* layer.kfac of a layer preconditioned by K-FAC. */
-typedef struct kfac_layer_state {
-    struct kfac_net_state *net;
-    int index;              /* layer index in the network */
-    kfac_block *block;
-    kfac_block_info info;
-    int bias;               /* 1 when the bias column is part of the block */
-    int nweights, nbiases;  /* floats in l.weights / l.biases */
-    float *vel_w, *vel_b;   /* K-FAC momentum buffers */
-    float *scratch_w, *scratch_b, *scratch2_w, *scratch2_b;
-    size_t bytes;           /* block + buffers allocated here */
-    int failures;           /* steps on which this layer failed (total) */
-    /* Factors as of the last successful update_inverses (groups*kb*kb and
-     * groups*n_g*n_g) and the block's out_h x out_w then: a sidecar stores
-     * them so that a resume recomputes the very same inverse. */
-    double *inv_A, *inv_G;
-    int inv_out_h, inv_out_w;
-} kfac_layer_state;
-
-/* One gradient accumulator saved around the sampled pass. */
-typedef struct {
-    float *live;            /* the layer's array */
-    float *saved;           /* setup-time buffer of the same size */
-    size_t n;
-} kfac_snapshot;
-
-/* network.kfac */
-typedef struct kfac_net_state {
-    kfac_config cfg;
-    char cfgfile[256];
-    double momentum;        /* effective: [kfac] momentum or [net] momentum */
-    int sampled;            /* effective estimation mode: 1 sampled, 0 empirical */
-    int softmax_index;      /* output softmax for the sampled pass, -1 if none */
-    int nlayers;
-    kfac_layer_state *layers;
-    kfac_layer_ref *refs;
-    int nsnap;
-    kfac_snapshot *snap;
-
-    /* per-step bookkeeping */
-    int in_sampled_pass;    /* captures G only, accumulators are restored */
-    int ready;              /* every block has factors and an inverse */
-    long steps_run;         /* updates done (restored from a sidecar on resume) */
-    unsigned long long seed; /* keys the sampled pass's label draws (with the
-                                step and example), saved in the sidecar */
-    int consecutive_failures;
-    long total_failures;
-    double t_stats, t_inv, t_precond; /* seconds in the last step */
-    double t_stats_acc;     /* statistics time of the step being accumulated */
-    long last_step;
-    double last_nu;
-    int last_skipped;
-    int last_cov_failed, last_inv_failed;
-    int pending_print;
-    size_t bytes;
-} kfac_net_state;
 
 /* ---- called by the patched Darknet (CPU only) ---- */
 
@@ -143,13 +84,6 @@ int kfac_darknet_save_sidecar_err(network *net, const char *weightsfile,
  * save_weights_upto(net, cutoff) writes is finite; else 0 and a message
  * naming the first bad layer and array. Used with or without K-FAC. */
 int kfac_darknet_weights_finite(network *net, int cutoff, char *err, size_t errlen);
-/* The glue's side: allocation of the inverse snapshot at setup (0 or -1 out
- * of memory; adds to *bytes), its release, and the copy taken after each
- * successful update_inverses. */
-int kfac_darknet_ckpt_alloc(kfac_layer_state *ls, size_t *bytes);
-void kfac_darknet_ckpt_free(kfac_layer_state *ls);
-void kfac_darknet_note_inverse(kfac_layer_state *ls);
-
 /* ---- helpers shared with the CLI and tests ---- */
 
 /* Step index (0-based) of the update the current datum belongs to. */

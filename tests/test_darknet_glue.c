@@ -23,17 +23,9 @@
 #include "darknet.h"
 #include "network.h"
 #include "kfac.h"
-#include "kfac_darknet.h"
+#include "kfac_dntest.h"
 #include "kfac_tol.h"
 
-#ifdef __SANITIZE_ADDRESS__
-/* Upstream free_network() does not free every layer array; those leaks are
- * Darknet's, and would fail every test binary that builds a network. */
-const char *__asan_default_options(void) { return "detect_leaks=0"; }
-#define DARKNET_BIN "build/darknet-san/darknet"
-#else
-#define DARKNET_BIN "build/darknet/darknet"
-#endif
 
 /* Central differences of a float network in float: truncation ~eps^2*|f'''|
  * (~1e-4 with tanh/logistic and eps = 1e-2) plus cancellation
@@ -112,7 +104,7 @@ static void zero_updates(network *net)
 static void clear_all_stats(network *net)
 {
     kfac_net_state *st = (kfac_net_state *)net->kfac;
-    for (int k = 0; k < st->nlayers; ++k) kfac_block_clear_stats(st->layers[k].block);
+    for (int k = 0; k < st->nlayers; ++k) kfac_block_clear_stats(kfac_opt_block(st->opt, st->layers[k].slot));
 }
 
 /* One training datum's forward+backward at step 0, as train_network_datum
@@ -231,13 +223,13 @@ static void check_layer_stats_sub(network *net, int li, int sub)
     layer *l = &net->layers[li];
     kfac_layer_state *ls = (kfac_layer_state *)l->kfac;
     assert_non_null(ls);
-    int kb = ls->info.kb, ng = ls->info.n_g, k = ls->info.k;
+    int kb = dn_info(ls).kb, ng = dn_info(ls).n_g, k = dn_info(ls).k;
     double *A = malloc(sizeof(double) * kb * kb), *G = malloc(sizeof(double) * ng * ng);
     double *A2 = malloc(sizeof(double) * kb * kb), *G2 = malloc(sizeof(double) * ng * ng);
     double *DPt = malloc(sizeof(double) * ng * k);
-    for (int g = 0; g < ls->info.groups; ++g) {
+    for (int g = 0; g < dn_info(ls).groups; ++g) {
         ref_stats_sub(net, li, g, ls->bias, sub, A, G, DPt);
-        assert_int_equal(kfac_block_get_factors(ls->block, g, A2, G2), KFAC_OK);
+        assert_int_equal(kfac_block_get_factors(dn_block(ls), g, A2, G2), KFAC_OK);
         double sa = max_abs_diag(A, kb), sg = max_abs_diag(G, ng);
         assert_true(sg > 0);
         assert_close_arrays(A2, A, (size_t)kb * kb, TOL_GLUE_FACTOR_REL * sa, TOL_GLUE_FACTOR_REL,
@@ -330,7 +322,7 @@ static void test_gradients_and_factors(void **state)
     zero_updates(net);
     forward_backward(net);
     for (int k = 0; k < st->nlayers; ++k)
-        assert_int_equal(kfac_block_update_cov(st->layers[k].block, 0.95), KFAC_OK);
+        assert_int_equal(kfac_block_update_cov(kfac_opt_block(st->opt, st->layers[k].slot), 0.95), KFAC_OK);
     check_layer_stats(net, 0);
     check_layer_stats(net, 1);
     check_layer_stats(net, 2);
@@ -344,13 +336,13 @@ static void test_cov_subsample(void **state)
     (void)state;
     network *net = build(cfg_a_subsample);
     kfac_net_state *st = (kfac_net_state *)net->kfac;
-    assert_int_equal(st->cfg.cov_subsample, 2);
+    assert_int_equal(kfac_opt_config(st->opt)->cov_subsample, 2);
     fill_batch(net, 13);
     clear_all_stats(net);
     zero_updates(net);
     forward_backward(net);
     for (int k = 0; k < st->nlayers; ++k)
-        assert_int_equal(kfac_block_update_cov(st->layers[k].block, 0.95), KFAC_OK);
+        assert_int_equal(kfac_block_update_cov(kfac_opt_block(st->opt, st->layers[k].slot), 0.95), KFAC_OK);
     for (int k = 0; k < st->nlayers; ++k)
         check_layer_stats_sub(net, st->layers[k].index, 2);
     free_network(net);
@@ -418,18 +410,18 @@ static void test_sampled_pass(void **state)
     /* A from the normal pass, G from the sampled pass (whose deltas are
      * still in l.delta): both must match brute force on that data. */
     for (int k = 0; k < st->nlayers; ++k)
-        assert_int_equal(kfac_block_update_cov(st->layers[k].block, 0.95), KFAC_OK);
+        assert_int_equal(kfac_block_update_cov(kfac_opt_block(st->opt, st->layers[k].slot), 0.95), KFAC_OK);
     for (int k = 0; k < st->nlayers; ++k) {
         /* the weight_updates check inside uses the sampled deltas, so only
          * the factors are compared here */
         kfac_layer_state *ls = &st->layers[k];
-        int kb = ls->info.kb, ng = ls->info.n_g, kk = ls->info.k;
+        int kb = dn_info(ls).kb, ng = dn_info(ls).n_g, kk = dn_info(ls).k;
         double *A = malloc(sizeof(double) * kb * kb), *G = malloc(sizeof(double) * ng * ng);
         double *A2 = malloc(sizeof(double) * kb * kb), *G2 = malloc(sizeof(double) * ng * ng);
         double *DPt = malloc(sizeof(double) * ng * kk);
-        for (int g = 0; g < ls->info.groups; ++g) {
+        for (int g = 0; g < dn_info(ls).groups; ++g) {
             ref_stats(net, ls->index, g, ls->bias, A, G, DPt);
-            assert_int_equal(kfac_block_get_factors(ls->block, g, A2, G2), KFAC_OK);
+            assert_int_equal(kfac_block_get_factors(dn_block(ls), g, A2, G2), KFAC_OK);
             double sa = max_abs_diag(A, kb), sg = max_abs_diag(G, ng);
             assert_close_arrays(A2, A, (size_t)kb * kb, TOL_GLUE_FACTOR_REL * sa,
                                 TOL_GLUE_FACTOR_REL, "A (normal pass) vs brute force");
@@ -614,7 +606,7 @@ static void steps_match_dense(const char *cfg, int clip_base)
     kfac_net_state *st = (kfac_net_state *)net->kfac;
     assert_non_null(st);
     assert_int_equal(st->nlayers, 2);
-    assert_true(st->momentum == STEP_MOMENTUM);
+    assert_true(dn_opt(st).momentum == STEP_MOMENTUM);
     ref_layer r[2];
     ref_init(&r[0], &net->layers[0]);
     ref_init(&r[1], &net->layers[1]);
@@ -629,16 +621,16 @@ static void steps_match_dense(const char *cfg, int clip_base)
         ref_save_weights(&r[0]);
         ref_save_weights(&r[1]);
         train_network_datum(net); /* forward, backward, K-FAC update */
-        assert_int_equal(st->steps_run, step + 1);
-        assert_int_equal(st->last_skipped, 0);
+        assert_int_equal(dn_opt(st).steps_run, step + 1);
+        assert_int_equal(dn_last_skipped(st), 0);
         /* outputs and deltas survive the update: rebuild the step from them */
         ref_step(net, 0, &r[0], step == 0);
         ref_step(net, 1, &r[1], step == 0);
         double gd = ref_dot(&r[0]) + ref_dot(&r[1]);
         double nu = fmin(1.0, sqrt(STEP_NORM / (lr_clip * lr_clip * gd)));
         assert_true(nu < 1); /* the cfg is meant to exercise clipping */
-        if (!(fabs(st->last_nu - nu) <= TOL_GLUE_NU * nu)) {
-            print_error("step %d: nu %.8g, reference %.8g\n", step, st->last_nu, nu);
+        if (!(fabs(st->last.step.nu - nu) <= TOL_GLUE_NU * nu)) {
+            print_error("step %d: nu %.8g, reference %.8g\n", step, st->last.step.nu, nu);
             fail();
         }
         ref_apply_and_compare(&r[0], nu, STEP_MOMENTUM, lr);
@@ -668,8 +660,8 @@ static void test_train_steps_finite(void **state)
     float s0 = c0->scales[0];
     *net->seen = 0;
     for (int it = 0; it < 5; ++it) train_network_datum(net);
-    assert_int_equal(st->steps_run, 5);
-    assert_int_equal(st->total_failures, 0);
+    assert_int_equal(dn_opt(st).steps_run, 5);
+    assert_int_equal(dn_opt(st).total_failures, 0);
     assert_true(c0->scales[0] != s0);
     for (int i = 0; i < net->n; ++i) {
         layer *l = &net->layers[i];
@@ -691,7 +683,7 @@ static void test_failures_counted_and_stop(void **state)
     fill_batch(net, 5);
     *net->seen = 0;
     train_network_datum(net); /* one good step: every block has an inverse */
-    assert_int_equal(st->total_failures, 0);
+    assert_int_equal(dn_opt(st).total_failures, 0);
 
     size_t nsave = 0;
     for (int k = 0; k < st->nlayers; ++k) nsave += st->layers[k].nweights + st->layers[k].nbiases;
@@ -705,8 +697,8 @@ static void test_failures_counted_and_stop(void **state)
     for (int i = 0; i < net->inputs * net->batch; ++i) net->input[i] = NAN;
     train_network_datum(net);
     train_network_datum(net);
-    assert_int_equal(st->consecutive_failures, 2);
-    assert_int_equal(st->total_failures, 2);
+    assert_int_equal(dn_opt(st).consecutive_failures, 2);
+    assert_int_equal(dn_opt(st).total_failures, 2);
     p = before;
     for (int k = 0; k < st->nlayers; ++k) {
         layer *l = &net->layers[st->layers[k].index];

@@ -28,15 +28,9 @@
 #include "darknet.h"
 #include "network.h"
 #include "kfac.h"
-#include "kfac_darknet.h"
+#include "kfac_dntest.h"
 
-#ifdef __SANITIZE_ADDRESS__
-/* Upstream free_network() does not free every layer array (Darknet's leaks). */
-const char *__asan_default_options(void) { return "detect_leaks=0"; }
-#endif
 
-/* OpenBLAS: one thread, so that every gemm sums in one fixed order. */
-void openblas_set_num_threads(int);
 
 /* Steps before the save and after it. invert_every=3 does not divide N, so
  * the first resumed step runs on an inverse computed two steps before the
@@ -264,8 +258,8 @@ static blob snapshot(network *net, int with_momentum)
     }
     kfac_net_state *st = (kfac_net_state *)net->kfac;
     for (int k = 0; with_momentum && st && k < st->nlayers; ++k) {
-        put(&b, st->layers[k].vel_w, st->layers[k].nweights);
-        if (st->layers[k].bias) put(&b, st->layers[k].vel_b, st->layers[k].nbiases);
+        put(&b, dn_vel_w(st, k), st->layers[k].nweights);
+        if (st->layers[k].bias) put(&b, dn_vel_b(st, k), st->layers[k].nbiases);
     }
     return b;
 }
@@ -310,8 +304,8 @@ static void test_resume_bit_exact(void **state)
     assert_int_equal(sa->sampled, 1);
     assert_int_equal(sa->nlayers, 2);
     train_steps(a, 0, N_BEFORE);
-    assert_int_equal(sa->steps_run, N_BEFORE);
-    assert_int_equal(sa->total_failures, 0);
+    assert_int_equal(dn_opt(sa).steps_run, N_BEFORE);
+    assert_int_equal(dn_opt(sa).total_failures, 0);
     save_weights(a, (char *)w);
     assert_true(exists(w));
     assert_true(exists(side));
@@ -332,14 +326,14 @@ static void test_resume_bit_exact(void **state)
     char *msg = capture_end();
     expect_in(msg, "state restored");
     assert_int_equal(*b->seen, (size_t)N_BEFORE * 4);
-    assert_int_equal(sb->steps_run, N_BEFORE);
-    assert_int_equal(sb->ready, 1);
-    assert_true(sb->seed == sa->seed);
+    assert_int_equal(dn_opt(sb).steps_run, N_BEFORE);
+    assert_int_equal(dn_opt(sb).ready, 1);
+    assert_true(dn_opt(sb).seed == dn_opt(sa).seed);
     train_steps(b, N_BEFORE, N_BEFORE + M_AFTER);
     blob w2 = snapshot(b, 1);
     assert_int_equal(w1.n, w2.n);
     assert_memory_equal(w1.v, w2.v, w1.n * sizeof(float));
-    assert_int_equal(sb->steps_run, sa->steps_run);
+    assert_int_equal(dn_opt(sb).steps_run, dn_opt(sa).steps_run);
     assert_int_equal(*b->seen, *a->seen);
     assert_int_equal(*b->t, *a->t);
 
@@ -354,11 +348,11 @@ static void test_resume_bit_exact(void **state)
     msg = capture_end();
     expect_in(msg, "warning");
     expect_in(msg, "starts fresh");
-    assert_int_equal(sc->steps_run, 0);
-    assert_int_equal(sc->ready, 0);
+    assert_int_equal(dn_opt(sc).steps_run, 0);
+    assert_int_equal(dn_opt(sc).ready, 0);
     train_steps(c, N_BEFORE, N_BEFORE + M_AFTER);
-    assert_int_equal(sc->steps_run, M_AFTER);
-    assert_int_equal(sc->total_failures, 0);
+    assert_int_equal(dn_opt(sc).steps_run, M_AFTER);
+    assert_int_equal(dn_opt(sc).total_failures, 0);
     blob w3 = snapshot(c, 1);
     for (size_t i = 0; i < w3.n; ++i) assert_true(isfinite(w3.v[i]));
     assert_false(blob_equal(&w1, &w3));
@@ -416,8 +410,8 @@ static void expect_refused(const char *cfg, const char *weights, const char *nee
     expect_in(err, needle);
     blob after = snapshot(net, 1);
     assert_true(blob_equal(&before, &after));
-    assert_int_equal(st->steps_run, 0);
-    assert_int_equal(st->ready, 0);
+    assert_int_equal(dn_opt(st).steps_run, 0);
+    assert_int_equal(dn_opt(st).ready, 0);
     free(before.v);
     free(after.v);
     free_network(net);
@@ -442,6 +436,15 @@ static void test_sidecar_refused(void **state)
     expect_refused(cfg_other_damping, w, "different cfg or layer shapes");
     expect_refused(cfg_other_shape, w, "different cfg or layer shapes");
     expect_load_exits(cfg_other_damping, w, "different cfg or layer shapes");
+    /* the message names the setting that differs, not just "different" */
+    expect_refused(cfg_other_damping, w, "saved 'damping 0.01 factored', here 'damping 0.02 factored'");
+
+    /* a sidecar of the previous layout (inputs of the inverse, not the
+     * inverse) is refused by its version, whatever else it holds */
+    assert_int_equal(kfac_ckpt_save(side, "darknet-kfac sidecar layout 1; damping 0.05 "
+                                    "factored; cov_ema_decay 0.5", NULL, 0, NULL, 0), KFAC_OK);
+    expect_refused(cfg_resume, w, "another darknet-kfac version (sidecar layout 1;");
+    spit(side, good, len);
 
     /* one flipped byte, in the data and in the header */
     unsigned char *bad = malloc(len);
@@ -470,14 +473,14 @@ static void test_sidecar_refused(void **state)
     char err[2048];
     assert_int_equal(kfac_darknet_load_sidecar_err(n, w, err, sizeof err), -1);
     expect_in(err, "images seen");
-    assert_int_equal(((kfac_net_state *)n->kfac)->steps_run, 0);
+    assert_int_equal(dn_opt(dn_state(n)).steps_run, 0);
     free_network(n);
 
     /* and the intact file still loads */
     n = build(cfg_resume, 7);
     *n->seen = (size_t)N_BEFORE * 4;
     assert_int_equal(kfac_darknet_load_sidecar_err(n, w, err, sizeof err), 0);
-    assert_int_equal(((kfac_net_state *)n->kfac)->steps_run, N_BEFORE);
+    assert_int_equal(dn_opt(dn_state(n)).steps_run, N_BEFORE);
     free_network(n);
     free(bad);
     free(good);
@@ -505,7 +508,7 @@ static void planting_backward(layer l, network net)
 static void expect_failed_step(network *net, int step, const char *needle)
 {
     kfac_net_state *st = (kfac_net_state *)net->kfac;
-    long total = st->total_failures;
+    long total = dn_opt(st).total_failures;
     blob before = kfac_params(net);
     capture_begin();
     train_steps(net, step, step + 1);
@@ -514,8 +517,8 @@ static void expect_failed_step(network *net, int step, const char *needle)
     expect_in(msg, "no K-FAC weight changed");
     blob after = kfac_params(net);
     assert_true(blob_equal(&before, &after));
-    assert_int_equal(st->total_failures, total + 1);
-    assert_int_equal(st->consecutive_failures, 1);
+    assert_int_equal(dn_opt(st).total_failures, total + 1);
+    assert_int_equal(dn_opt(st).consecutive_failures, 1);
     for (int k = 0; k < st->nlayers; ++k) {
         layer *l = &net->layers[st->layers[k].index];
         for (int i = 0; i < st->layers[k].nweights; ++i) assert_true(l->weight_updates[i] == 0);
@@ -528,7 +531,7 @@ static void expect_failed_step(network *net, int step, const char *needle)
 static void expect_good_step(network *net, int step)
 {
     kfac_net_state *st = (kfac_net_state *)net->kfac;
-    long total = st->total_failures;
+    long total = dn_opt(st).total_failures;
     blob before = kfac_params(net);
     capture_begin();
     train_steps(net, step, step + 1);
@@ -536,8 +539,8 @@ static void expect_good_step(network *net, int step)
     blob after = kfac_params(net);
     assert_false(blob_equal(&before, &after));
     for (size_t i = 0; i < after.n; ++i) assert_true(isfinite(after.v[i]));
-    assert_int_equal(st->total_failures, total);
-    assert_int_equal(st->consecutive_failures, 0);
+    assert_int_equal(dn_opt(st).total_failures, total);
+    assert_int_equal(dn_opt(st).consecutive_failures, 0);
     free(before.v);
     free(after.v);
 }
@@ -555,14 +558,14 @@ static void test_fault_injection(void **state)
     assert_int_equal(conn->index, 3);
 
     train_steps(net, 0, 2);
-    assert_int_equal(st->total_failures, 0);
+    assert_int_equal(dn_opt(st).total_failures, 0);
 
     /* step 2 collects statistics: NaN in the captured output gradient */
     plant = PLANT_CAPTURED_GRADIENT;
     expect_failed_step(net, 2, "new statistics rejected");
     plant = PLANT_NONE;
-    assert_true(st->last_cov_failed == 2);
-    assert_true(conv->failures == 1 && conn->failures == 1);
+    assert_true(st->last.cov_failed == 2);
+    assert_true(kfac_opt_layer_failures(st->opt, conv->slot) == 1 && kfac_opt_layer_failures(st->opt, conn->slot) == 1);
     expect_good_step(net, 3);
 
     /* step 5 only inverts: a factor at the edge of double range (every
@@ -570,16 +573,16 @@ static void test_fault_injection(void **state)
      * bad as one can be made through the API: its trace overflows inside the
      * damping split) makes the inverse fail; the last good one is kept */
     expect_good_step(net, 4);
-    kfac_block_info info = conn->info;
+    kfac_block_info info = dn_info(conn);
     size_t na = (size_t)info.kb * info.kb, ng = (size_t)info.n_g * info.n_g;
     double *A = malloc(na * sizeof(double)), *G = malloc(ng * sizeof(double));
-    assert_int_equal(kfac_block_get_factors(conn->block, 0, A, G), KFAC_OK);
+    assert_int_equal(kfac_block_get_factors(dn_block(conn), 0, A, G), KFAC_OK);
     for (size_t i = 0; i < na; ++i) A[i] = 1e308;
-    assert_int_equal(kfac_block_set_factors(conn->block, 0, A, G), KFAC_OK);
+    assert_int_equal(kfac_block_set_factors(dn_block(conn), 0, A, G), KFAC_OK);
     expect_failed_step(net, 5, "inverse update failed");
-    assert_int_equal(st->last_inv_failed, 1);
-    assert_int_equal(conn->failures, 2);
-    assert_true(kfac_block_has_inverse(conn->block));
+    assert_int_equal(st->last.inv_failed, 1);
+    assert_int_equal(kfac_opt_layer_failures(st->opt, conn->slot), 2);
+    assert_true(kfac_block_has_inverse(dn_block(conn)));
     /* step 6 collects statistics that replace the factor (cov_ema_decay=0) */
     expect_good_step(net, 6);
     free(A);
@@ -589,10 +592,10 @@ static void test_fault_injection(void **state)
     plant = PLANT_UPDATE;
     expect_failed_step(net, 7, "non-finite gradient");
     plant = PLANT_NONE;
-    assert_int_equal(conn->failures, 3);
+    assert_int_equal(kfac_opt_layer_failures(st->opt, conn->slot), 3);
     expect_good_step(net, 8);
-    assert_int_equal(st->total_failures, 3);
-    assert_int_equal(st->steps_run, 9);
+    assert_int_equal(dn_opt(st).total_failures, 3);
+    assert_int_equal(dn_opt(st).steps_run, 9);
 
     fc->backward = real_backward;
     free_network(net);
