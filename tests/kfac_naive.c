@@ -174,6 +174,20 @@ void naive_psd(int n, double *out)
             out[i * n + j] = i == j ? i + 2.0 : 1.0;
 }
 
+void naive_random_spd(naive_rng *r, int n, double scale, double floor_, double *S)
+{
+    double *B = naive_alloc((size_t)n * n, sizeof(double));
+    naive_fill_double(r, B, (size_t)n * n, 1.0);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double t = 0.0;
+            for (int l = 0; l < n; l++)
+                t += B[i * n + l] * B[j * n + l];
+            S[i * n + j] = scale * (t / n + (i == j ? floor_ : 0.0));
+        }
+    free(B);
+}
+
 void naive_kron(const double *X, int nx, const double *Y, int ny, double scale, double *out)
 {
     int n = nx * ny;

@@ -50,6 +50,10 @@ void naive_fc_factors(int inputs, int outputs, int bias, const float *x, const f
 /* ---- dense linear algebra */
 void naive_eye(double *I, int n);
 void naive_psd(int n, double *out);          /* ones, diagonal 2, 3, ..., n+1 */
+/* S = scale * (B B^T/n + floor*I) with B n x n uniform in [-1, 1) drawn row by
+ * row from r: SPD with eigenvalues in [floor*scale, ~(1+floor)*scale*n/3],
+ * i.e. well conditioned. */
+void naive_random_spd(naive_rng *r, int n, double scale, double floor_, double *S);
 void naive_kron(const double *X, int nx, const double *Y, int ny, double scale, double *out);
 void naive_matvec(const double *M, int n, const double *x, double *y);
 void naive_matmul(const double *X, const double *Y, int n, double *Z); /* square */

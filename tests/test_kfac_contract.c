@@ -22,15 +22,12 @@
 
 #include "kfac.h"
 #include "kfac_naive.h"
+#include "kfac_testutil.h"
 #include "kfac_tol.h"
 
 static kfac_conv_geom good_geom(void)
 {
-    kfac_conv_geom g;
-    memset(&g, 0, sizeof g);
-    g.c = 4; g.h = 6; g.w = 6; g.n = 4; g.size = 3; g.stride = 1; g.pad = 1;
-    g.dilation = 1; g.groups = 2; g.bias = 1; g.patches = KFAC_PATCHES_GENERAL;
-    return g;
+    return tu_geom(4, 6, 6, 4, 3, 1, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
 }
 
 /* Field-by-field equality (padding bytes of a struct copy may differ). */

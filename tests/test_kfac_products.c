@@ -21,130 +21,39 @@
 
 #include "kfac.h"
 #include "kfac_naive.h"
+#include "kfac_testutil.h"
 #include "kfac_tol.h"
-
-/* A block under test together with the factors the test gave it. */
-typedef struct {
-    kfac_block *b;
-    kfac_damping_type type;
-    int groups, n_g, k, kb, T, bias, np;
-    size_t nw, nbias;
-    double *A, *G; /* groups consecutive kb*kb / n_g*n_g */
-} blk;
 
 static kfac_conv_geom geom(int c, int h, int w, int n, int size, int stride, int pad,
                            int groups, int bias)
 {
-    kfac_conv_geom g;
-    memset(&g, 0, sizeof g);
-    g.c = c; g.h = h; g.w = w; g.n = n; g.size = size; g.stride = stride; g.pad = pad;
-    g.dilation = 1; g.groups = groups; g.bias = bias; g.patches = KFAC_PATCHES_GENERAL;
-    return g;
-}
-
-static void blk_init(blk *s, kfac_block *b, kfac_damping_type type)
-{
-    kfac_block_info info;
-    memset(s, 0, sizeof *s);
-    assert_non_null(b);
-    assert_int_equal(kfac_block_info_get(b, &info), KFAC_OK);
-    s->b = b;
-    s->type = type;
-    s->groups = info.groups;
-    s->n_g = info.n_g;
-    s->k = info.k;
-    s->kb = info.kb;
-    s->T = info.T;
-    s->bias = info.kb - info.k;
-    s->np = (int)info.nparams;
-    s->nw = (size_t)s->groups * s->n_g * s->k;
-    s->nbias = s->bias ? (size_t)s->groups * s->n_g : 0;
-    s->A = naive_alloc((size_t)s->groups * s->kb * s->kb, sizeof(double));
-    s->G = naive_alloc((size_t)s->groups * s->n_g * s->n_g, sizeof(double));
+    return tu_geom(c, h, w, n, size, stride, pad, 1, groups, bias, KFAC_PATCHES_GENERAL);
 }
 
 /* The precision the next blocks are created with: the product tests run
  * once per precond_precision. */
 static kfac_precision g_precision = KFAC_PRECISION_FLOAT;
 
-static kfac_config cfg_for(kfac_damping_type type)
+static void blk_conv(tu_block *s, const kfac_conv_geom *g, kfac_damping_type type)
 {
-    kfac_config cfg;
-    kfac_config_default(&cfg);
-    cfg.damping_type = type;
-    cfg.precond_precision = g_precision;
-    return cfg;
+    kfac_config cfg = tu_config(type, g_precision);
+    tu_block_conv(s, g, &cfg);
 }
 
-static void blk_conv(blk *s, const kfac_conv_geom *g, kfac_damping_type type)
+static void blk_fc(tu_block *s, int in, int out, int bias, kfac_damping_type type)
 {
-    kfac_config cfg = cfg_for(type);
-    kfac_block *b = NULL;
-    assert_int_equal(kfac_conv_block_create(g, &cfg, &b), KFAC_OK);
-    blk_init(s, b, type);
-}
-
-static void blk_fc(blk *s, int in, int out, int bias, kfac_damping_type type)
-{
-    kfac_config cfg = cfg_for(type);
-    kfac_block *b = NULL;
-    assert_int_equal(kfac_fc_block_create(in, out, bias, &cfg, &b), KFAC_OK);
-    blk_init(s, b, type);
-}
-
-static void blk_free(blk *s)
-{
-    kfac_block_free(s->b);
-    free(s->A);
-    free(s->G);
-}
-
-/* S = B B^T/n + floor*I, times scale: SPD with eigenvalues in
- * [floor*scale, ~(1+floor)*scale*n/3], i.e. well conditioned. */
-static void random_spd(naive_rng *r, int n, double scale, double floor_, double *S)
-{
-    double *B = naive_alloc((size_t)n * n, sizeof(double));
-    naive_fill_double(r, B, (size_t)n * n, 1.0);
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
-            double t = 0.0;
-            for (int l = 0; l < n; l++)
-                t += B[i * n + l] * B[j * n + l];
-            S[i * n + j] = scale * (t / n + (i == j ? floor_ : 0.0));
-        }
-    free(B);
+    kfac_config cfg = tu_config(type, g_precision);
+    tu_block_fc(s, in, out, bias, &cfg);
 }
 
 /* Random factors per group; A and G on different scales so pi != 1. */
-static void blk_set_random_factors(blk *s, naive_rng *r)
+static void blk_set_random_factors(tu_block *s, naive_rng *r)
 {
-    for (int j = 0; j < s->groups; j++) {
-        double *A = s->A + (size_t)j * s->kb * s->kb, *G = s->G + (size_t)j * s->n_g * s->n_g;
-        random_spd(r, s->kb, 3.0 + j, 0.3, A);
-        random_spd(r, s->n_g, 0.05 * (j + 1), 0.3, G);
-        assert_int_equal(kfac_block_set_factors(s->b, j, A, G), KFAC_OK);
-    }
-}
-
-/* Reads the block's factors back into s->A/G (after accumulating from data). */
-static void blk_read_factors(blk *s)
-{
-    for (int j = 0; j < s->groups; j++)
-        assert_int_equal(kfac_block_get_factors(s->b, j, s->A + (size_t)j * s->kb * s->kb,
-                                                s->G + (size_t)j * s->n_g * s->n_g),
-                         KFAC_OK);
-}
-
-/* Dense damped block from the test's own factors (sem. 4). */
-static double *blk_dense_damped(const blk *s, double lam)
-{
-    double *D = naive_alloc((size_t)s->np * s->np, sizeof(double));
-    naive_damped_block(s->type, s->groups, s->n_g, s->kb, s->T, s->A, s->G, lam, D);
-    return D;
+    tu_block_random_factors(s, r, 3.0, 1.0, 0.05, 0.05);
 }
 
 /* out = (damped block)^e v through the library, returned as a parameter vector. */
-static kfac_status lib_power(blk *s, int which, double e, const float *vw, const float *vb,
+static kfac_status lib_power(tu_block *s, int which, double e, const float *vw, const float *vb,
                              double *flat)
 {
     float *ow = naive_alloc(s->nw, sizeof(float));
@@ -157,29 +66,40 @@ static kfac_status lib_power(blk *s, int which, double e, const float *vw, const
     else
         rc = kfac_block_multiply_matpower(s->b, e, vw, vb, ow, ob);
     if (rc == KFAC_OK)
-        naive_pack(s->groups, s->n_g, s->k, s->bias, ow, ob, flat);
+        tu_block_pack(s, ow, ob, flat);
     free(ow);
     free(ob);
     return rc;
 }
 
-static void random_vector(naive_rng *r, blk *s, float **vw, float **vb, double *flat)
+/* A random (w, bias) pair, allocated here, and its parameter vector. */
+static void random_vector(naive_rng *r, tu_block *s, float **vw, float **vb, double *flat)
 {
     *vw = naive_alloc(s->nw, sizeof(float));
     *vb = s->bias ? naive_alloc(s->nbias, sizeof(float)) : NULL;
-    naive_fill_float(r, *vw, s->nw, 1.0);
-    if (s->bias)
-        naive_fill_float(r, *vb, s->nbias, 1.0);
-    naive_pack(s->groups, s->n_g, s->k, s->bias, *vw, *vb, flat);
+    tu_block_fill_params(s, r, 1.0, *vw, *vb, flat);
+}
+
+/* The library's (damped block)^e v (`which` as for lib_power) must succeed
+ * and equal the dense D^e v within TOL_PRODUCT of its largest entry. */
+static void expect_power(tu_block *s, const double *D, int which, double e, const float *vw,
+                         const float *vb, const double *v, const char *what)
+{
+    double *want = naive_alloc(s->np, sizeof(double));
+    double *got = naive_alloc(s->np, sizeof(double));
+    naive_apply_power(D, s->np, e, v, want);
+    assert_int_equal(lib_power(s, which, e, vw, vb, got), KFAC_OK);
+    assert_close_arrays(got, want, s->np, TOL_PRODUCT * kfac_tol_max_abs(want, s->np),
+                        TOL_PRODUCT, what);
+    free(want);
+    free(got);
 }
 
 /* All products of a registered, inverted block against the dense block. */
-static void check_all_products(blk *s, double lam, naive_rng *r, const char *what)
+static void check_all_products(tu_block *s, double lam, naive_rng *r, const char *what)
 {
-    double *D = blk_dense_damped(s, lam);
+    double *D = tu_block_dense_damped(s, lam);
     double *v = naive_alloc(s->np, sizeof(double));
-    double *exp_ = naive_alloc(s->np, sizeof(double));
-    double *got = naive_alloc(s->np, sizeof(double));
     float *vw, *vb;
     random_vector(r, s, &vw, &vb, v);
     char name[160];
@@ -187,9 +107,8 @@ static void check_all_products(blk *s, double lam, naive_rng *r, const char *wha
     if (s->type == KFAC_DAMPING_FACTORED)
         for (int j = 0; j < s->groups; j++) {
             double la, lg, pi, xa, xg, xpi;
-            naive_factored_damping(s->A + (size_t)j * s->kb * s->kb, s->kb,
-                                   s->G + (size_t)j * s->n_g * s->n_g, s->n_g, s->T, lam,
-                                   &xa, &xg, &xpi);
+            naive_factored_damping(tu_block_A(s, j), s->kb, tu_block_G(s, j), s->n_g, s->T,
+                                   lam, &xa, &xg, &xpi);
             assert_int_equal(kfac_block_factored_damping(s->b, j, &la, &lg, &pi), KFAC_OK);
             snprintf(name, sizeof name, "%s: pi group %d", what, j);
             assert_close_scalar(pi, xpi, 0, 1e-12, name);
@@ -204,14 +123,11 @@ static void check_all_products(blk *s, double lam, naive_rng *r, const char *wha
         {1, 1.0}, {-1, -1.0}, {0, 1.0}, {0, -1.0}, {0, 0.5}, {0, -0.5}, {0, 2.0},
     };
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
-        naive_apply_power(D, s->np, cases[c].e, v, exp_);
-        assert_int_equal(lib_power(s, cases[c].which, cases[c].e, vw, vb, got), KFAC_OK);
         snprintf(name, sizeof name, "%s: %s e=%g", what,
                  cases[c].which == 1 ? "multiply" : cases[c].which == -1 ? "multiply_inverse"
                                                                        : "multiply_matpower",
                  cases[c].e);
-        assert_close_arrays(got, exp_, s->np, TOL_PRODUCT * kfac_tol_max_abs(exp_, s->np),
-                            TOL_PRODUCT, name);
+        expect_power(s, D, cases[c].which, cases[c].e, vw, vb, v, name);
     }
 
     /* out may alias v */
@@ -230,16 +146,14 @@ static void check_all_products(blk *s, double lam, naive_rng *r, const char *wha
             assert_memory_equal(ib, ob, sizeof(float) * s->nbias);
         free(iw); free(ib); free(ow); free(ob);
     }
-    free(D); free(v); free(exp_); free(got); free(vw); free(vb);
+    free(D); free(v); free(vw); free(vb);
 }
 
-static void register_all(blk *s, double lam)
+/* Damping lam, the inverse and the matpowers 0.5, -0.5 and 2 registered. */
+static void register_all(tu_block *s, double lam)
 {
-    assert_int_equal(kfac_block_instantiate_factors(s->b, lam), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(s->b), KFAC_OK);
-    assert_int_equal(kfac_block_register_matpower(s->b, 0.5), KFAC_OK);
-    assert_int_equal(kfac_block_register_matpower(s->b, -0.5), KFAC_OK);
-    assert_int_equal(kfac_block_register_matpower(s->b, 2.0), KFAC_OK);
+    static const double exps[3] = {0.5, -0.5, 2.0};
+    tu_block_register(s, lam, exps, 3);
 }
 
 /* ------------------------------------------------------------------ tests */
@@ -266,7 +180,7 @@ static void test_naive_references_self_check(void **state)
         double *x1 = naive_alloc(n, sizeof(double));
         double *x2 = naive_alloc(n, sizeof(double));
         double *y = naive_alloc(n, sizeof(double));
-        random_spd(&r, n, 1.0, 0.1, S);
+        naive_random_spd(&r, n, 1.0, 0.1, S);
         naive_jacobi_eigen(S, n, d, V);
         for (int i = 0; i < n; i++)
             for (int j = 0; j < n; j++) {
@@ -296,8 +210,8 @@ static void test_naive_references_self_check(void **state)
     /* kron order: F vec(V) == vec(T * G V A), row-major vec of n_g x kb V */
     int ng = 3, kb = 4, T = 5, np = ng * kb;
     double G[9], A[16], F[144], V[12], GV[12], out[12], want[12];
-    random_spd(&r, ng, 1.0, 0.2, G);
-    random_spd(&r, kb, 1.0, 0.2, A);
+    naive_random_spd(&r, ng, 1.0, 0.2, G);
+    naive_random_spd(&r, kb, 1.0, 0.2, A);
     naive_fill_double(&r, V, np, 1.0);
     naive_full_fisher(1, ng, kb, T, A, G, F);
     naive_matvec(F, np, V, out);
@@ -325,7 +239,7 @@ static void test_pack_unpack(void **state)
     naive_rng r;
     naive_rng_seed(&r, 2002);
     for (int variant = 0; variant < 3; variant++) {
-        blk s;
+        tu_block s;
         if (variant == 0) {
             kfac_conv_geom g = geom(4, 5, 5, 6, 3, 1, 1, 2, 1);
             blk_conv(&s, &g, KFAC_DAMPING_FACTORED);
@@ -348,7 +262,7 @@ static void test_pack_unpack(void **state)
         if (s.bias)
             assert_memory_equal(ub, vb, sizeof(float) * s.nbias);
         free(vw); free(vb); free(uw); free(ub); free(want); free(flat);
-        blk_free(&s);
+        tu_block_free(&s);
     }
 }
 
@@ -360,7 +274,7 @@ static void products_with_set_factors(kfac_damping_type type, uint64_t seed)
     naive_rng_seed(&r, seed);
     const double lams[4] = {0.05, 0.3, 0.02, 0.1};
     for (int variant = 0; variant < 4; variant++) {
-        blk s;
+        tu_block s;
         char what[96];
         if (variant == 0) {
             kfac_conv_geom g = geom(4, 5, 5, 6, 3, 1, 1, 2, 1); /* np 114, T 25 */
@@ -393,21 +307,18 @@ static void products_with_set_factors(kfac_damping_type type, uint64_t seed)
             /* Exact damping is checked against full_fisher_block() + lam I
              * itself, as the issue asks. */
             double *D = F, *v = naive_alloc(s.np, sizeof(double));
-            double *e1 = naive_alloc(s.np, sizeof(double)), *e2 = naive_alloc(s.np, sizeof(double));
             float *vw, *vb;
             for (int i = 0; i < s.np; i++)
                 D[(size_t)i * s.np + i] += lams[variant];
             random_vector(&r, &s, &vw, &vb, v);
-            assert_int_equal(naive_solve(D, s.np, v, e1), 0);
-            assert_int_equal(lib_power(&s, -1, -1.0, vw, vb, e2), KFAC_OK);
-            assert_close_arrays(e2, e1, s.np, TOL_PRODUCT * kfac_tol_max_abs(e1, s.np), TOL_PRODUCT,
-                                "exact: multiply_inverse vs solve(full_fisher_block + lam I)");
-            free(v); free(e1); free(e2); free(vw); free(vb);
+            expect_power(&s, D, -1, -1.0, vw, vb, v,
+                         "exact: multiply_inverse vs solve(full_fisher_block + lam I)");
+            free(v); free(vw); free(vb);
         }
         free(F);
         free(Fexp);
         check_all_products(&s, lams[variant], &r, what);
-        blk_free(&s);
+        tu_block_free(&s);
     }
 }
 
@@ -438,31 +349,27 @@ static void test_products_from_data(void **state)
         kfac_damping_type type = t == 2 ? KFAC_DAMPING_EXACT : KFAC_DAMPING_FACTORED;
         g_precision = t == 1 ? KFAC_PRECISION_DOUBLE : KFAC_PRECISION_FLOAT;
         kfac_conv_geom g = geom(4, 6, 5, 4, 3, 2, 1, 2, 1);
-        blk s;
+        tu_block s;
         blk_conv(&s, &g, type);
-        int M = 3;
-        size_t xs = (size_t)M * g.c * g.h * g.w, ds = (size_t)M * g.n * s.T;
-        float *x = naive_alloc(xs, sizeof(float)), *d = naive_alloc(ds, sizeof(float));
-        naive_fill_float(&r, x, xs, 1.0);
-        naive_fill_float(&r, d, ds, 1.0);
-        assert_int_equal(kfac_block_accumulate_inputs(s.b, 0, x, M), KFAC_OK);
-        assert_int_equal(kfac_block_accumulate_output_grads(s.b, 0, d, M), KFAC_OK);
-        assert_int_equal(kfac_block_update_cov(s.b, 0.95), KFAC_OK);
+        tu_batch bt;
+        tu_batch_conv(&bt, &g, 3, &r, 1.0, 1.0);
+        assert_int_equal(tu_feed_update_cov(s.b, bt.x, bt.d, bt.M, 0.95), KFAC_OK);
         /* The dense reference uses the library's own factors (checked against
          * brute force in test_kfac_stats) so that only the products are tested
          * here; a bit of data check anyway: */
-        blk_read_factors(&s);
+        tu_block_read_factors(&s);
         double *A0 = naive_alloc((size_t)s.kb * s.kb, sizeof(double));
         double *G0 = naive_alloc((size_t)s.n_g * s.n_g, sizeof(double));
-        naive_conv_factors(&g, x, d, M, 1, A0, G0);
-        assert_close_arrays(s.A + (size_t)s.kb * s.kb, A0, (size_t)s.kb * s.kb, TOL_STATS * 2.0,
+        naive_conv_factors(&g, bt.x, bt.d, bt.M, 1, A0, G0);
+        assert_close_arrays(tu_block_A(&s, 1), A0, (size_t)s.kb * s.kb, TOL_STATS * 2.0,
                             TOL_STATS, "A group 1");
         register_all(&s, 0.1);
         assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
         check_all_products(&s, 0.1, &r, t == 2 ? "data exact" : t ? "data factored double"
                                                                   : "data factored float");
-        free(x); free(d); free(A0); free(G0);
-        blk_free(&s);
+        free(A0); free(G0);
+        tu_batch_free(&bt);
+        tu_block_free(&s);
     }
 }
 
@@ -472,16 +379,13 @@ static void test_vector_v1(void **state)
 {
     (void)state;
     kfac_conv_geom g = geom(8, 2, 2, 2, 1, 1, 0, 1, 0); /* k = 8, n = 2, T = 4 */
-    blk s;
+    tu_block s;
     blk_conv(&s, &g, KFAC_DAMPING_FACTORED);
     assert_int_equal(s.T, 4);
-    double A[64], G[4];
-    naive_eye(A, 8);
-    naive_eye(G, 2);
-    assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
-    assert_int_equal(kfac_block_instantiate_factors(s.b, 0.5), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(s.b), KFAC_OK);
-    assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
+    naive_eye(s.A, 8);
+    naive_eye(s.G, 2);
+    tu_block_set_factors(&s);
+    tu_block_invert(&s, 0.5);
     double la, lg, pi;
     assert_int_equal(kfac_block_factored_damping(s.b, 0, &la, &lg, &pi), KFAC_OK);
     assert_close_scalar(pi, 1.0, 1e-12, 0, "V1 pi");
@@ -495,7 +399,7 @@ static void test_vector_v1(void **state)
     }
     assert_int_equal(kfac_block_multiply_inverse(s.b, v, NULL, out, NULL), KFAC_OK);
     assert_close_arrays_f(out, want, 16, 1e-9, 1e-6, "V1 multiply_inverse");
-    blk_free(&s);
+    tu_block_free(&s);
 }
 
 /* V2: A = psd(8), G = psd(2), T = 4, lam = 0 (exact damping) and the
@@ -504,15 +408,13 @@ static void test_vector_v2(void **state)
 {
     (void)state;
     kfac_conv_geom g = geom(8, 2, 2, 2, 1, 1, 0, 1, 0);
-    blk s;
+    tu_block s;
     blk_conv(&s, &g, KFAC_DAMPING_EXACT);
-    double A[64], G[4], F[256], vd[16], sol[16];
-    naive_psd(8, A);
-    naive_psd(2, G);
-    assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
-    assert_int_equal(kfac_block_instantiate_factors(s.b, 0.0), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(s.b), KFAC_OK);
-    assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
+    double F[256], vd[16], sol[16];
+    naive_psd(8, s.A);
+    naive_psd(2, s.G);
+    tu_block_set_factors(&s);
+    tu_block_invert(&s, 0.0);
     float v[16], out[16];
     for (int c = 0; c < 8; c++) {
         v[c] = (float)(2 * c);         /* row 0: 0, 2, ..., 14 */
@@ -531,7 +433,7 @@ static void test_vector_v2(void **state)
     assert_close_arrays(sol, want, 16, TOL_VECTOR_ABS, 0, "V2 dense solve");
     assert_close_arrays_f(out, sol, 16, 1e-6 * kfac_tol_max_abs(sol, 16), 1e-6,
                           "V2 vs dense solve");
-    blk_free(&s);
+    tu_block_free(&s);
 }
 
 /* multiply uses the current factors, multiply_inverse/matpower those of the
@@ -543,14 +445,13 @@ static void test_inverse_uses_factors_of_last_update(void **state)
     naive_rng_seed(&r, 2006);
     for (int t = 0; t < 2; t++) {
         kfac_damping_type type = t ? KFAC_DAMPING_EXACT : KFAC_DAMPING_FACTORED;
-        blk s;
+        tu_block s;
         kfac_conv_geom g = geom(4, 4, 4, 4, 3, 1, 1, 2, 1);
         blk_conv(&s, &g, type);
         float *vw, *vb;
         double *v = naive_alloc(s.np, sizeof(double));
         double *y1 = naive_alloc(s.np, sizeof(double)), *y2 = naive_alloc(s.np, sizeof(double));
         double *ym1 = naive_alloc(s.np, sizeof(double)), *ym2 = naive_alloc(s.np, sizeof(double));
-        double *e = naive_alloc(s.np, sizeof(double));
         random_vector(&r, &s, &vw, &vb, v);
         blk_set_random_factors(&s, &r);
         register_all(&s, 0.05);
@@ -564,18 +465,12 @@ static void test_inverse_uses_factors_of_last_update(void **state)
         assert_memory_equal(y2, y1, sizeof(double) * s.np);
         assert_int_equal(lib_power(&s, 0, -0.5, vw, vb, ym2), KFAC_OK);
         assert_memory_equal(ym2, ym1, sizeof(double) * s.np);
-        double *D = blk_dense_damped(&s, 0.05);
-        naive_apply_power(D, s.np, 1.0, v, e);
-        assert_int_equal(lib_power(&s, 1, 1, vw, vb, y2), KFAC_OK);
-        assert_close_arrays(y2, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT,
-                            "multiply with current factors");
+        double *D = tu_block_dense_damped(&s, 0.05);
+        expect_power(&s, D, 1, 1.0, vw, vb, v, "multiply with current factors");
         assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
-        naive_apply_power(D, s.np, -1.0, v, e);
-        assert_int_equal(lib_power(&s, -1, -1, vw, vb, y2), KFAC_OK);
-        assert_close_arrays(y2, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT,
-                            "multiply_inverse after the second update");
-        free(D); free(v); free(y1); free(y2); free(ym1); free(ym2); free(e); free(vw); free(vb);
-        blk_free(&s);
+        expect_power(&s, D, -1, -1.0, vw, vb, v, "multiply_inverse after the second update");
+        free(D); free(v); free(y1); free(y2); free(ym1); free(ym2); free(vw); free(vb);
+        tu_block_free(&s);
     }
 }
 
@@ -590,7 +485,7 @@ static void test_failed_update_keeps_previous_inverse(void **state)
     (void)state;
     naive_rng r;
     naive_rng_seed(&r, 2007);
-    blk s;
+    tu_block s;
     blk_fc(&s, 4, 3, 1, KFAC_DAMPING_FACTORED);
     float *vw, *vb;
     double *v = naive_alloc(s.np, sizeof(double));
@@ -621,13 +516,10 @@ static void test_failed_update_keeps_previous_inverse(void **state)
     /* good factors again: the inverse follows them */
     blk_set_random_factors(&s, &r);
     assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
-    double *D = blk_dense_damped(&s, 0.01), *e = naive_alloc(s.np, sizeof(double));
-    naive_apply_power(D, s.np, -1.0, v, e);
-    assert_int_equal(lib_power(&s, -1, -1, vw, vb, y2), KFAC_OK);
-    assert_close_arrays(y2, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT,
-                        "inverse after recovery");
-    free(D); free(e); free(v); free(y1); free(y2); free(m1); free(m2); free(vw); free(vb);
-    blk_free(&s);
+    double *D = tu_block_dense_damped(&s, 0.01);
+    expect_power(&s, D, -1, -1.0, vw, vb, v, "inverse after recovery");
+    free(D); free(v); free(y1); free(y2); free(m1); free(m2); free(vw); free(vb);
+    tu_block_free(&s);
 }
 
 /* An inverse that is fine in double but does not fit a float: A = G =
@@ -639,17 +531,16 @@ static void test_float_inverse_out_of_range(void **state)
     (void)state;
     for (int prec = 0; prec < 2; prec++) {
         g_precision = prec ? KFAC_PRECISION_DOUBLE : KFAC_PRECISION_FLOAT;
-        blk s;
+        tu_block s;
         blk_fc(&s, 2, 2, 0, KFAC_DAMPING_FACTORED);
-        double A[4] = {1, 0, 0, 1}, G[4] = {1, 0, 0, 1};
         float v[4] = {1, 2, 3, 4}, y1[4], y2[4];
-        assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
-        assert_int_equal(kfac_block_instantiate_factors(s.b, 1e-80), KFAC_OK);
-        assert_int_equal(kfac_block_register_inverse(s.b), KFAC_OK);
-        assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
+        naive_eye(s.A, 2);
+        naive_eye(s.G, 2);
+        tu_block_set_factors(&s);
+        tu_block_invert(&s, 1e-80);
         assert_int_equal(kfac_block_multiply_inverse(s.b, v, NULL, y1, NULL), KFAC_OK);
-        A[0] = A[3] = G[0] = G[3] = 1e-60;
-        assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
+        s.A[0] = s.A[3] = s.G[0] = s.G[3] = 1e-60;
+        tu_block_set_factors(&s);
         kfac_status rc = kfac_block_update_inverses(s.b);
         assert_int_equal(rc, prec ? KFAC_OK : KFAC_ERR_NOT_FINITE);
         rc = kfac_block_multiply_inverse(s.b, v, NULL, y2, NULL);
@@ -660,7 +551,7 @@ static void test_float_inverse_out_of_range(void **state)
             assert_int_equal(rc, KFAC_OK);
             assert_memory_equal(y2, y1, sizeof y1);
         }
-        blk_free(&s);
+        tu_block_free(&s);
     }
     g_precision = KFAC_PRECISION_FLOAT;
 }
@@ -675,13 +566,12 @@ static void test_float_inverse_out_of_range(void **state)
 static void test_cholesky_retry_and_eigen_fallback(void **state)
 {
     (void)state;
-    blk s;
+    tu_block s;
     blk_fc(&s, 3, 2, 0, KFAC_DAMPING_FACTORED);
     double A[9] = {1e5, 0, 0, 0, 1e5, 0, 0, 0, -1e4}, G[4] = {1, 0, 0, 1};
     const double lam = 1e-4;
     assert_int_equal(kfac_block_set_factors(s.b, 0, A, G), KFAC_OK);
-    assert_int_equal(kfac_block_instantiate_factors(s.b, lam), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(s.b), KFAC_OK);
+    tu_block_register(&s, lam, NULL, 0);
     assert_int_equal(kfac_block_num_retries(s.b), 0);
     assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
     assert_int_equal(kfac_block_num_retries(s.b), 4);
@@ -699,7 +589,7 @@ static void test_cholesky_retry_and_eigen_fallback(void **state)
         got[i] = ow[i];
     assert_close_arrays(got, want, 6, TOL_PRODUCT * kfac_tol_max_abs(want, 6), TOL_PRODUCT,
                         "eigen fallback inverse");
-    blk_free(&s);
+    tu_block_free(&s);
 }
 
 /* Changing lambda without update_inverses: exact damping uses the current
@@ -712,34 +602,27 @@ static void test_damping_change_without_update(void **state)
     naive_rng_seed(&r, 2009);
     for (int t = 0; t < 2; t++) {
         kfac_damping_type type = t ? KFAC_DAMPING_EXACT : KFAC_DAMPING_FACTORED;
-        blk s;
+        tu_block s;
         kfac_conv_geom g = geom(2, 4, 4, 4, 3, 1, 1, 2, 1);
         blk_conv(&s, &g, type);
         blk_set_random_factors(&s, &r);
         register_all(&s, 0.05);
         assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
         float *vw, *vb;
-        double *v = naive_alloc(s.np, sizeof(double)), *y = naive_alloc(s.np, sizeof(double));
-        double *e = naive_alloc(s.np, sizeof(double));
+        double *v = naive_alloc(s.np, sizeof(double));
         random_vector(&r, &s, &vw, &vb, v);
         assert_int_equal(kfac_block_instantiate_factors(s.b, 0.4), KFAC_OK);
-        double *D = blk_dense_damped(&s, t ? 0.4 : 0.05);
+        double *D = tu_block_dense_damped(&s, t ? 0.4 : 0.05);
         const double exps[3] = {-1.0, -0.5, 2.0};
-        for (int i = 0; i < 3; i++) {
-            naive_apply_power(D, s.np, exps[i], v, e);
-            assert_int_equal(lib_power(&s, i ? 0 : -1, exps[i], vw, vb, y), KFAC_OK);
-            assert_close_arrays(y, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT,
-                                t ? "exact: current lambda" : "factored: lambda of the update");
-        }
+        for (int i = 0; i < 3; i++)
+            expect_power(&s, D, i ? 0 : -1, exps[i], vw, vb, v,
+                         t ? "exact: current lambda" : "factored: lambda of the update");
         /* multiply always uses the current lambda */
         free(D);
-        D = blk_dense_damped(&s, 0.4);
-        naive_apply_power(D, s.np, 1.0, v, e);
-        assert_int_equal(lib_power(&s, 1, 1.0, vw, vb, y), KFAC_OK);
-        assert_close_arrays(y, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT,
-                            "multiply: current lambda");
-        free(D); free(v); free(y); free(e); free(vw); free(vb);
-        blk_free(&s);
+        D = tu_block_dense_damped(&s, 0.4);
+        expect_power(&s, D, 1, 1.0, vw, vb, v, "multiply: current lambda");
+        free(D); free(v); free(vw); free(vb);
+        tu_block_free(&s);
     }
 }
 
@@ -750,23 +633,16 @@ static void test_matpower_registration(void **state)
     (void)state;
     naive_rng r;
     naive_rng_seed(&r, 2008);
-    blk s;
+    tu_block s;
     blk_fc(&s, 4, 3, 1, KFAC_DAMPING_FACTORED);
     blk_set_random_factors(&s, &r);
-    assert_int_equal(kfac_block_instantiate_factors(s.b, 0.1), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(s.b), KFAC_OK);
-    assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
+    tu_block_invert(&s, 0.1);
     float *vw, *vb;
     double *v = naive_alloc(s.np, sizeof(double)), *y = naive_alloc(s.np, sizeof(double));
-    double *e = naive_alloc(s.np, sizeof(double));
     random_vector(&r, &s, &vw, &vb, v);
-    double *D = blk_dense_damped(&s, 0.1);
-    assert_int_equal(lib_power(&s, 0, 1.0, vw, vb, y), KFAC_OK);
-    naive_apply_power(D, s.np, 1.0, v, e);
-    assert_close_arrays(y, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT, "e=1");
-    assert_int_equal(lib_power(&s, 0, -1.0, vw, vb, y), KFAC_OK);
-    naive_apply_power(D, s.np, -1.0, v, e);
-    assert_close_arrays(y, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT, "e=-1");
+    double *D = tu_block_dense_damped(&s, 0.1);
+    expect_power(&s, D, 0, 1.0, vw, vb, v, "e=1");
+    expect_power(&s, D, 0, -1.0, vw, vb, v, "e=-1");
     assert_int_equal(lib_power(&s, 0, 0.5, vw, vb, y), KFAC_ERR_STATE); /* never registered */
     assert_int_equal(kfac_block_register_matpower(s.b, 1.0), KFAC_OK);  /* needs nothing */
 
@@ -777,14 +653,10 @@ static void test_matpower_registration(void **state)
     assert_int_equal(kfac_block_register_matpower(s.b, ex[8]), KFAC_ERR_INVALID_ARG);
     assert_int_equal(kfac_block_register_matpower(s.b, 1.0), KFAC_OK);
     assert_int_equal(kfac_block_update_inverses(s.b), KFAC_OK);
-    for (int i = 0; i < 8; i++) {
-        assert_int_equal(lib_power(&s, 0, ex[i], vw, vb, y), KFAC_OK);
-        naive_apply_power(D, s.np, ex[i], v, e);
-        assert_close_arrays(y, e, s.np, TOL_PRODUCT * kfac_tol_max_abs(e, s.np), TOL_PRODUCT,
-                            "registered exponent");
-    }
-    free(D); free(v); free(y); free(e); free(vw); free(vb);
-    blk_free(&s);
+    for (int i = 0; i < 8; i++)
+        expect_power(&s, D, 0, ex[i], vw, vb, v, "registered exponent");
+    free(D); free(v); free(y); free(vw); free(vb);
+    tu_block_free(&s);
 }
 
 int main(void)

@@ -19,47 +19,24 @@
 
 #include "kfac.h"
 #include "kfac_naive.h"
+#include "kfac_testutil.h"
 #include "kfac_tol.h"
-
-static kfac_conv_geom geom(int c, int h, int w, int n, int size, int stride, int pad, int dil,
-                           int groups, int bias, kfac_patches patches)
-{
-    kfac_conv_geom g;
-    memset(&g, 0, sizeof g);
-    g.c = c; g.h = h; g.w = w; g.n = n; g.size = size; g.stride = stride; g.pad = pad;
-    g.dilation = dil; g.groups = groups; g.bias = bias; g.patches = patches;
-    return g;
-}
 
 /* The random geometries of the issue: stride 2, pad 0/1, kernel 1/3/5,
  * groups 2-3, dilation 2, bias on/off. */
 static const kfac_conv_geom *geometries(int *count)
 {
     static kfac_conv_geom gs[8];
-    gs[0] = geom(4, 7, 6, 6, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
-    gs[1] = geom(3, 9, 8, 4, 5, 1, 0, 1, 1, 0, KFAC_PATCHES_GENERAL);
-    gs[2] = geom(4, 9, 9, 4, 3, 1, 1, 2, 2, 1, KFAC_PATCHES_GENERAL);
-    gs[3] = geom(2, 5, 5, 3, 1, 2, 0, 1, 1, 1, KFAC_PATCHES_GENERAL);
-    gs[4] = geom(6, 6, 7, 6, 3, 2, 0, 2, 3, 0, KFAC_PATCHES_GENERAL);
-    gs[5] = geom(2, 8, 7, 2, 5, 2, 1, 1, 1, 1, KFAC_PATCHES_GENERAL);
-    gs[6] = geom(4, 6, 5, 4, 3, 2, 0, 1, 2, 0, KFAC_PATCHES_GENERAL);
-    gs[7] = geom(2, 4, 6, 4, 5, 1, 2, 1, 2, 1, KFAC_PATCHES_GENERAL);
+    gs[0] = tu_geom(4, 7, 6, 6, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
+    gs[1] = tu_geom(3, 9, 8, 4, 5, 1, 0, 1, 1, 0, KFAC_PATCHES_GENERAL);
+    gs[2] = tu_geom(4, 9, 9, 4, 3, 1, 1, 2, 2, 1, KFAC_PATCHES_GENERAL);
+    gs[3] = tu_geom(2, 5, 5, 3, 1, 2, 0, 1, 1, 1, KFAC_PATCHES_GENERAL);
+    gs[4] = tu_geom(6, 6, 7, 6, 3, 2, 0, 2, 3, 0, KFAC_PATCHES_GENERAL);
+    gs[5] = tu_geom(2, 8, 7, 2, 5, 2, 1, 1, 1, 1, KFAC_PATCHES_GENERAL);
+    gs[6] = tu_geom(4, 6, 5, 4, 3, 2, 0, 1, 2, 0, KFAC_PATCHES_GENERAL);
+    gs[7] = tu_geom(2, 4, 6, 4, 5, 1, 2, 1, 2, 1, KFAC_PATCHES_GENERAL);
     *count = 8;
     return gs;
-}
-
-static kfac_block *make_conv(const kfac_conv_geom *g, const kfac_config *cfg)
-{
-    kfac_block *b = NULL;
-    assert_int_equal(kfac_conv_block_create(g, cfg, &b), KFAC_OK);
-    assert_non_null(b);
-    return b;
-}
-
-static void feed(kfac_block *b, int tower, const float *x, const float *d, int M)
-{
-    assert_int_equal(kfac_block_accumulate_inputs(b, tower, x, M), KFAC_OK);
-    assert_int_equal(kfac_block_accumulate_output_grads(b, tower, d, M), KFAC_OK);
 }
 
 static double max_diag(const double *X, int n)
@@ -125,7 +102,7 @@ static void check_same_factors(const kfac_block *b1, const kfac_block *b2, int g
 static void test_naive_im2col_by_hand(void **state)
 {
     (void)state;
-    kfac_conv_geom g = geom(1, 3, 3, 1, 3, 2, 1, 1, 1, 0, KFAC_PATCHES_GENERAL);
+    kfac_conv_geom g = tu_geom(1, 3, 3, 1, 3, 2, 1, 1, 1, 0, KFAC_PATCHES_GENERAL);
     float x[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
     double cols[9 * 4];
     naive_im2col(x, &g, 0, cols);
@@ -137,7 +114,7 @@ static void test_naive_im2col_by_hand(void **state)
     assert_close_arrays(cols + 5 * 4, right, 4, 0, 0, "tap(1,2)");
     /* dilation 2, pad 2, size 3 on the same image: a single output at centre
      * (0,0) of the padded grid reading rows/cols -2, 0, 2 */
-    g = geom(1, 3, 3, 1, 3, 1, 2, 2, 1, 0, KFAC_PATCHES_GENERAL);
+    g = tu_geom(1, 3, 3, 1, 3, 1, 2, 2, 1, 0, KFAC_PATCHES_GENERAL);
     int T;
     naive_conv_dims(&g, NULL, NULL, NULL, &T, NULL, NULL);
     assert_int_equal(T, 9);
@@ -164,7 +141,7 @@ static void test_conv_factors_general(void **state)
         const kfac_conv_geom *g = &gs[gi];
         int k, kb, n_g, T, oh, ow, M = 3;
         naive_conv_dims(g, &k, &kb, &n_g, &T, &oh, &ow);
-        kfac_block *b = make_conv(g, NULL);
+        kfac_block *b = tu_conv_block(g, NULL);
 
         kfac_block_info info;
         assert_int_equal(kfac_block_info_get(b, &info), KFAC_OK);
@@ -186,18 +163,14 @@ static void test_conv_factors_general(void **state)
         if (g->size > 1)
             assert_int_equal(spec.needs_patches, 1);
 
-        float *x = naive_alloc((size_t)M * g->c * g->h * g->w, sizeof(float));
-        float *d = naive_alloc((size_t)M * g->n * T, sizeof(float));
-        naive_fill_float(&rng, x, (size_t)M * g->c * g->h * g->w, 1.0);
-        naive_fill_float(&rng, d, (size_t)M * g->n * T, 0.5);
-        feed(b, 0, x, d, M);
-        assert_int_equal(kfac_block_update_cov(b, 0.95), KFAC_OK);
+        tu_batch bt;
+        tu_batch_conv(&bt, g, M, &rng, 1.0, 0.5);
+        assert_int_equal(tu_feed_update_cov(b, bt.x, bt.d, M, 0.95), KFAC_OK);
         char what[64];
         snprintf(what, sizeof what, "geometry %d GENERAL", gi);
-        check_conv_vs_naive(b, g, x, d, M, what);
+        check_conv_vs_naive(b, g, bt.x, bt.d, M, what);
         kfac_block_free(b);
-        free(x);
-        free(d);
+        tu_batch_free(&bt);
     }
 }
 
@@ -215,26 +188,21 @@ static void test_conv_factors_image_vs_general(void **state)
             continue;
         kfac_conv_geom gg = gs[gi], gim = gs[gi];
         gim.patches = KFAC_PATCHES_IMAGE;
-        int kb, n_g, T, M = 2;
-        naive_conv_dims(&gg, NULL, &kb, &n_g, &T, NULL, NULL);
-        kfac_block *bg = make_conv(&gg, NULL), *bi = make_conv(&gim, NULL);
-        float *x = naive_alloc((size_t)M * gg.c * gg.h * gg.w, sizeof(float));
-        float *d = naive_alloc((size_t)M * gg.n * T, sizeof(float));
-        naive_fill_float(&rng, x, (size_t)M * gg.c * gg.h * gg.w, 2.0);
-        naive_fill_float(&rng, d, (size_t)M * gg.n * T, 1.0);
-        feed(bg, 0, x, d, M);
-        feed(bi, 0, x, d, M);
+        kfac_block *bg = tu_conv_block(&gg, NULL), *bi = tu_conv_block(&gim, NULL);
+        tu_batch bt;
+        tu_batch_conv(&bt, &gg, 2, &rng, 2.0, 1.0);
+        tu_feed(bg, 0, bt.x, bt.d, bt.M);
+        tu_feed(bi, 0, bt.x, bt.d, bt.M);
         assert_int_equal(kfac_block_update_cov(bg, 0.5), KFAC_OK);
         assert_int_equal(kfac_block_update_cov(bi, 0.5), KFAC_OK);
         char what[64];
         snprintf(what, sizeof what, "geometry %d IMAGE", gi);
-        check_conv_vs_naive(bi, &gim, x, d, M, what);
+        check_conv_vs_naive(bi, &gim, bt.x, bt.d, bt.M, what);
         snprintf(what, sizeof what, "geometry %d IMAGE vs GENERAL", gi);
-        check_same_factors(bi, bg, gg.groups, kb, n_g, what);
+        check_same_factors(bi, bg, gg.groups, bt.kb, bt.n_g, what);
         kfac_block_free(bg);
         kfac_block_free(bi);
-        free(x);
-        free(d);
+        tu_batch_free(&bt);
         tested++;
     }
     assert_true(tested >= 4);
@@ -253,30 +221,24 @@ static void test_pointwise_three_paths(void **state)
         kfac_conv_geom g[3];
         int M = 4;
         for (int p = 0; p < 3; p++) {
-            g[p] = geom(6, 5, 4, 4, 1, 1, 0, 1, groups, bias, paths[p]);
-            bl[p] = make_conv(&g[p], NULL);
+            g[p] = tu_geom(6, 5, 4, 4, 1, 1, 0, 1, groups, bias, paths[p]);
+            bl[p] = tu_conv_block(&g[p], NULL);
         }
-        int kb, n_g, T;
-        naive_conv_dims(&g[0], NULL, &kb, &n_g, &T, NULL, NULL);
-        float *x = naive_alloc((size_t)M * 6 * 5 * 4, sizeof(float));
-        float *d = naive_alloc((size_t)M * 4 * T, sizeof(float));
-        naive_fill_float(&rng, x, (size_t)M * 6 * 5 * 4, 1.0);
-        naive_fill_float(&rng, d, (size_t)M * 4 * T, 1.0);
+        tu_batch bt;
+        tu_batch_conv(&bt, &g[0], M, &rng, 1.0, 1.0);
         kfac_capture_spec spec;
         assert_int_equal(kfac_block_tensors_to_compute_grads(bl[2], &spec), KFAC_OK);
         assert_int_equal(spec.needs_patches, 0);
         for (int p = 0; p < 3; p++) {
-            feed(bl[p], 0, x, d, M);
-            assert_int_equal(kfac_block_update_cov(bl[p], 0.9), KFAC_OK);
-            check_conv_vs_naive(bl[p], &g[p], x, d, M, p == 0 ? "1x1 GENERAL"
+            assert_int_equal(tu_feed_update_cov(bl[p], bt.x, bt.d, M, 0.9), KFAC_OK);
+            check_conv_vs_naive(bl[p], &g[p], bt.x, bt.d, M, p == 0 ? "1x1 GENERAL"
                                                      : p == 1 ? "1x1 IMAGE" : "1x1 POINTWISE");
         }
-        check_same_factors(bl[2], bl[0], groups, kb, n_g, "POINTWISE vs GENERAL");
-        check_same_factors(bl[1], bl[0], groups, kb, n_g, "IMAGE vs GENERAL");
+        check_same_factors(bl[2], bl[0], groups, bt.kb, bt.n_g, "POINTWISE vs GENERAL");
+        check_same_factors(bl[1], bl[0], groups, bt.kb, bt.n_g, "IMAGE vs GENERAL");
         for (int p = 0; p < 3; p++)
             kfac_block_free(bl[p]);
-        free(x);
-        free(d);
+        tu_batch_free(&bt);
     }
 }
 
@@ -288,49 +250,45 @@ static void test_per_example_calls_equal_batch(void **state)
     naive_rng rng;
     naive_rng_seed(&rng, 1004);
     kfac_conv_geom cases[3] = {
-        geom(4, 7, 6, 6, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL),
-        geom(4, 7, 6, 6, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_IMAGE),
-        geom(6, 3, 5, 6, 1, 1, 0, 1, 3, 1, KFAC_PATCHES_POINTWISE),
+        tu_geom(4, 7, 6, 6, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL),
+        tu_geom(4, 7, 6, 6, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_IMAGE),
+        tu_geom(6, 3, 5, 6, 1, 1, 0, 1, 3, 1, KFAC_PATCHES_POINTWISE),
     };
     for (int ci = 0; ci < 3; ci++) {
         const kfac_conv_geom *g = &cases[ci];
-        int k, kb, n_g, T, M = 3;
-        naive_conv_dims(g, &k, &kb, &n_g, &T, NULL, NULL);
-        size_t xs = (size_t)g->c * g->h * g->w, ds = (size_t)g->n * T;
-        float *x = naive_alloc(M * xs, sizeof(float));
-        float *d = naive_alloc(M * ds, sizeof(float));
-        naive_fill_float(&rng, x, M * xs, 1.0);
-        naive_fill_float(&rng, d, M * ds, 1.0);
-        kfac_block *batch = make_conv(g, NULL), *each = make_conv(g, NULL);
-        feed(batch, 0, x, d, M);
+        tu_batch bt;
+        tu_batch_conv(&bt, g, 3, &rng, 1.0, 1.0);
+        const int k = bt.k, n_g = bt.n_g, T = bt.T;
+        kfac_block *batch = tu_conv_block(g, NULL), *each = tu_conv_block(g, NULL);
+        tu_feed(batch, 0, bt.x, bt.d, bt.M);
 
         double *colsd = naive_alloc((size_t)k * T, sizeof(double));
         float *cols = naive_alloc((size_t)k * T, sizeof(float));
-        for (int i = 0; i < M; i++)
+        for (int i = 0; i < bt.M; i++)
             for (int j = 0; j < g->groups; j++) {
                 if (g->patches == KFAC_PATCHES_POINTWISE) {
                     /* 1x1: the group's channels of the raw input are the patches */
-                    memcpy(cols, x + i * xs + (size_t)j * k * T, sizeof(float) * k * T);
+                    memcpy(cols, bt.x + i * bt.x_each + (size_t)j * k * T,
+                           sizeof(float) * k * T);
                 } else {
-                    naive_im2col(x + i * xs, g, j, colsd);
+                    naive_im2col(bt.x + i * bt.x_each, g, j, colsd);
                     for (int e = 0; e < k * T; e++)
                         cols[e] = (float)colsd[e];
                 }
                 assert_int_equal(kfac_block_accumulate_patches(each, 0, j, cols), KFAC_OK);
                 assert_int_equal(kfac_block_accumulate_output_grads_group(
-                                     each, 0, j, d + i * ds + (size_t)j * n_g * T),
+                                     each, 0, j, bt.d + i * bt.d_each + (size_t)j * n_g * T),
                                  KFAC_OK);
             }
         assert_int_equal(kfac_block_update_cov(batch, 0.95), KFAC_OK);
         assert_int_equal(kfac_block_update_cov(each, 0.95), KFAC_OK);
-        check_conv_vs_naive(each, g, x, d, M, "per-example calls");
-        check_same_factors(each, batch, g->groups, kb, n_g, "per-example vs batch");
+        check_conv_vs_naive(each, g, bt.x, bt.d, bt.M, "per-example calls");
+        check_same_factors(each, batch, g->groups, bt.kb, n_g, "per-example vs batch");
         kfac_block_free(batch);
         kfac_block_free(each);
         free(colsd);
         free(cols);
-        free(x);
-        free(d);
+        tu_batch_free(&bt);
     }
 }
 
@@ -361,8 +319,7 @@ static void test_fc_factors(void **state)
         float x[6 * 7], d[6 * 5];
         naive_fill_float(&rng, x, sizeof x / sizeof *x, 1.5);
         naive_fill_float(&rng, d, sizeof d / sizeof *d, 0.7);
-        feed(b, 0, x, d, M);
-        assert_int_equal(kfac_block_update_cov(b, 0.95), KFAC_OK);
+        assert_int_equal(tu_feed_update_cov(b, x, d, M, 0.95), KFAC_OK);
         double A[8 * 8], G[5 * 5];
         naive_fc_factors(in, out, bias, x, d, M, A, G);
         check_group_factors(b, 0, kb, out, A, G, TOL_STATS, bias ? "fc bias" : "fc no bias");
@@ -377,29 +334,26 @@ static void test_ema_over_several_updates(void **state)
     (void)state;
     naive_rng rng;
     naive_rng_seed(&rng, 1006);
-    kfac_conv_geom g = geom(4, 5, 5, 4, 3, 1, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
-    int kb, n_g, T, M = 2;
-    naive_conv_dims(&g, NULL, &kb, &n_g, &T, NULL, NULL);
-    size_t xs = (size_t)M * g.c * g.h * g.w, ds = (size_t)M * g.n * T;
-    float *x = naive_alloc(xs, sizeof(float)), *d = naive_alloc(ds, sizeof(float));
+    kfac_conv_geom g = tu_geom(4, 5, 5, 4, 3, 1, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
+    tu_batch bt;
+    tu_batch_conv(&bt, &g, 2, NULL, 0, 0);
+    const int kb = bt.kb, n_g = bt.n_g;
     double *A = naive_alloc((size_t)g.groups * kb * kb, sizeof(double));
     double *G = naive_alloc((size_t)g.groups * n_g * n_g, sizeof(double));
     double *An = naive_alloc((size_t)kb * kb, sizeof(double));
     double *Gn = naive_alloc((size_t)n_g * n_g, sizeof(double));
-    kfac_block *b = make_conv(&g, NULL);
+    kfac_block *b = tu_conv_block(&g, NULL);
     double *Ag = naive_alloc((size_t)kb * kb, sizeof(double));
     assert_int_equal(kfac_block_get_factors(b, 0, Ag, NULL), KFAC_ERR_STATE);
 
     const double decays[5] = {0.8, 0.8, 0.5, 0.0, 0.95};
     for (int step = 0; step < 5; step++) {
         /* data with a step-dependent scale so a stale or missing fold shows */
-        naive_fill_float(&rng, x, xs, 1.0 + step);
-        naive_fill_float(&rng, d, ds, 0.5 + 0.25 * step);
-        feed(b, 0, x, d, M);
-        assert_int_equal(kfac_block_update_cov(b, decays[step]), KFAC_OK);
+        tu_batch_fill(&bt, &rng, 1.0 + step, 0.5 + 0.25 * step);
+        assert_int_equal(tu_feed_update_cov(b, bt.x, bt.d, bt.M, decays[step]), KFAC_OK);
         double e = decays[step];
         for (int j = 0; j < g.groups; j++) {
-            naive_conv_factors(&g, x, d, M, j, An, Gn);
+            naive_conv_factors(&g, bt.x, bt.d, bt.M, j, An, Gn);
             double *Aj = A + (size_t)j * kb * kb, *Gj = G + (size_t)j * n_g * n_g;
             for (int i = 0; i < kb * kb; i++)
                 Aj[i] = step == 0 ? An[i] : e * Aj[i] + (1 - e) * An[i];
@@ -411,7 +365,8 @@ static void test_ema_over_several_updates(void **state)
         }
     }
     kfac_block_free(b);
-    free(x); free(d); free(A); free(G); free(An); free(Gn); free(Ag);
+    tu_batch_free(&bt);
+    free(A); free(G); free(An); free(Gn); free(Ag);
 }
 
 /* V3: 1x1 conv on two 1x1 single-channel examples with values 1 and 2. */
@@ -419,11 +374,10 @@ static void test_vector_v3(void **state)
 {
     (void)state;
     for (int bias = 0; bias < 2; bias++) {
-        kfac_conv_geom g = geom(1, 1, 1, 1, 1, 1, 0, 1, 1, bias, KFAC_PATCHES_GENERAL);
-        kfac_block *b = make_conv(&g, NULL);
+        kfac_conv_geom g = tu_geom(1, 1, 1, 1, 1, 1, 0, 1, 1, bias, KFAC_PATCHES_GENERAL);
+        kfac_block *b = tu_conv_block(&g, NULL);
         const float x[2] = {1, 2}, d[2] = {0.5f, -1};
-        feed(b, 0, x, d, 2);
-        assert_int_equal(kfac_block_update_cov(b, 0.95), KFAC_OK);
+        assert_int_equal(tu_feed_update_cov(b, x, d, 2, 0.95), KFAC_OK);
         double A[4], G[1];
         assert_int_equal(kfac_block_get_factors(b, 0, A, G), KFAC_OK);
         const double A_bias[4] = {2.5, 1.5, 1.5, 1.0}, A_nobias[1] = {2.5}, G_exp[1] = {0.625};
@@ -442,7 +396,7 @@ static void test_vector_v3(void **state)
 static void test_vector_v4(void **state)
 {
     (void)state;
-    kfac_conv_geom g = geom(1, 2, 4, 2, 1, 1, 0, 1, 1, 0, KFAC_PATCHES_GENERAL);
+    kfac_conv_geom g = tu_geom(1, 2, 4, 2, 1, 1, 0, 1, 1, 0, KFAC_PATCHES_GENERAL);
     float d[16], x[8];
     for (int t = 0; t < 8; t++) {
         d[0 * 8 + t] = (float)(2 * t + 1); /* filter 0 at location t */
@@ -452,18 +406,16 @@ static void test_vector_v4(void **state)
     const double G_first[4] = {85, 93, 93, 102}, G_ema[4] = {43, 46.5, 46.5, 51.5};
     double G[4], A[1];
 
-    kfac_block *b = make_conv(&g, NULL);
-    feed(b, 0, x, d, 1);
-    assert_int_equal(kfac_block_update_cov(b, 0.5), KFAC_OK);
+    kfac_block *b = tu_conv_block(&g, NULL);
+    assert_int_equal(tu_feed_update_cov(b, x, d, 1, 0.5), KFAC_OK);
     assert_int_equal(kfac_block_get_factors(b, 0, NULL, G), KFAC_OK);
     assert_close_arrays(G, G_first, 4, 1e-9, 1e-9, "V4 first estimate");
     kfac_block_free(b);
 
-    b = make_conv(&g, NULL);
+    b = tu_conv_block(&g, NULL);
     const double I1[1] = {1}, I2[4] = {1, 0, 0, 1};
     assert_int_equal(kfac_block_set_factors(b, 0, I1, I2), KFAC_OK);
-    feed(b, 0, x, d, 1);
-    assert_int_equal(kfac_block_update_cov(b, 0.5), KFAC_OK);
+    assert_int_equal(tu_feed_update_cov(b, x, d, 1, 0.5), KFAC_OK);
     assert_int_equal(kfac_block_get_factors(b, 0, A, G), KFAC_OK);
     assert_close_arrays(G, G_ema, 4, 1e-9, 1e-9, "V4 EMA from I");
     const double A_exp[1] = {1.0}; /* 0.5*1 + 0.5*1 */
@@ -478,16 +430,14 @@ static void test_towers_equal_concatenated_batch(void **state)
     (void)state;
     naive_rng rng;
     naive_rng_seed(&rng, 1007);
-    kfac_conv_geom g = geom(4, 6, 6, 4, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
-    int kb, n_g, T, M = 5;
-    naive_conv_dims(&g, NULL, &kb, &n_g, &T, NULL, NULL);
-    size_t xs = (size_t)g.c * g.h * g.w, ds = (size_t)g.n * T;
-    float *x = naive_alloc(M * xs, sizeof(float)), *d = naive_alloc(M * ds, sizeof(float));
-    naive_fill_float(&rng, x, M * xs, 1.0);
-    naive_fill_float(&rng, d, M * ds, 1.0);
+    kfac_conv_geom g = tu_geom(4, 6, 6, 4, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
+    tu_batch bt;
+    tu_batch_conv(&bt, &g, 5, &rng, 1.0, 1.0);
+    const float *x = bt.x, *d = bt.d;
+    const size_t xs = bt.x_each, ds = bt.d_each;
 
     for (int ntow = 2; ntow <= 3; ntow++) {
-        kfac_block *one = make_conv(&g, NULL), *tw = make_conv(&g, NULL);
+        kfac_block *one = tu_conv_block(&g, NULL), *tw = tu_conv_block(&g, NULL);
         assert_int_equal(kfac_block_num_registered_towers(tw), 1);
         for (int t = 1; t < ntow; t++)
             assert_int_equal(kfac_block_register_additional_tower(tw), KFAC_OK);
@@ -502,7 +452,7 @@ static void test_towers_equal_concatenated_batch(void **state)
                          KFAC_ERR_INVALID_ARG);
         assert_int_equal(kfac_block_accumulate_inputs(one, 1, x, 1), KFAC_ERR_INVALID_ARG);
 
-        feed(one, 0, x, d, M);
+        tu_feed(one, 0, x, d, bt.M);
         /* inputs: examples {0,1} {2} {3,4} (2 towers: {0,1} {2,3,4});
          * gradients: {0} {1,2,3} {4} (2 towers: {0,1,2,3} {4}) */
         if (ntow == 3) {
@@ -520,13 +470,12 @@ static void test_towers_equal_concatenated_batch(void **state)
         }
         assert_int_equal(kfac_block_update_cov(one, 0.9), KFAC_OK);
         assert_int_equal(kfac_block_update_cov(tw, 0.9), KFAC_OK);
-        check_conv_vs_naive(tw, &g, x, d, M, "towers vs brute force");
-        check_same_factors(tw, one, g.groups, kb, n_g, "towers vs one batch");
+        check_conv_vs_naive(tw, &g, x, d, bt.M, "towers vs brute force");
+        check_same_factors(tw, one, g.groups, bt.kb, bt.n_g, "towers vs one batch");
         kfac_block_free(one);
         kfac_block_free(tw);
     }
-    free(x);
-    free(d);
+    tu_batch_free(&bt);
 }
 
 /* Connected layer, batch size 1: the K-FAC block is exactly the per-example
@@ -547,10 +496,8 @@ static void test_fc_batch1_exact_fisher(void **state)
     for (int i = 0; i < np; i++)
         for (int j = 0; j < np; j++)
             Fexp[i * np + j] = gv[i] * gv[j];
-    kfac_block *b = NULL;
-    assert_int_equal(kfac_fc_block_create(in, out, 1, NULL, &b), KFAC_OK);
-    feed(b, 0, x, d, 1);
-    assert_int_equal(kfac_block_update_cov(b, 0.95), KFAC_OK);
+    kfac_block *b = tu_fc_block(in, out, 1, NULL);
+    assert_int_equal(tu_feed_update_cov(b, x, d, 1, 0.95), KFAC_OK);
     assert_int_equal(kfac_block_full_fisher_block(b, F), KFAC_OK);
     /* one product of two floats per factor entry: a few ulps */
     assert_close_arrays(F, Fexp, (size_t)np * np, 1e-7 * kfac_tol_max_abs(Fexp, np * np), 1e-6,
@@ -565,31 +512,28 @@ static void test_full_fisher_block_conv(void **state)
     (void)state;
     naive_rng rng;
     naive_rng_seed(&rng, 1009);
-    kfac_conv_geom g = geom(4, 5, 4, 4, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
-    int kb, n_g, T, M = 3;
-    naive_conv_dims(&g, NULL, &kb, &n_g, &T, NULL, NULL);
-    int np = g.groups * n_g * kb;
-    size_t xs = (size_t)M * g.c * g.h * g.w, ds = (size_t)M * g.n * T;
-    float *x = naive_alloc(xs, sizeof(float)), *d = naive_alloc(ds, sizeof(float));
-    naive_fill_float(&rng, x, xs, 1.0);
-    naive_fill_float(&rng, d, ds, 1.0);
+    kfac_conv_geom g = tu_geom(4, 5, 4, 4, 3, 2, 1, 1, 2, 1, KFAC_PATCHES_GENERAL);
+    tu_batch bt;
+    tu_batch_conv(&bt, &g, 3, &rng, 1.0, 1.0);
+    const int kb = bt.kb, n_g = bt.n_g, np = g.groups * n_g * kb;
     double *A = naive_alloc((size_t)g.groups * kb * kb, sizeof(double));
     double *G = naive_alloc((size_t)g.groups * n_g * n_g, sizeof(double));
     for (int j = 0; j < g.groups; j++)
-        naive_conv_factors(&g, x, d, M, j, A + (size_t)j * kb * kb, G + (size_t)j * n_g * n_g);
+        naive_conv_factors(&g, bt.x, bt.d, bt.M, j, A + (size_t)j * kb * kb,
+                           G + (size_t)j * n_g * n_g);
     double *Fexp = naive_alloc((size_t)np * np, sizeof(double));
     double *F = naive_alloc((size_t)np * np, sizeof(double));
-    naive_full_fisher(g.groups, n_g, kb, T, A, G, Fexp);
-    kfac_block *b = make_conv(&g, NULL);
-    feed(b, 0, x, d, M);
-    assert_int_equal(kfac_block_update_cov(b, 0.95), KFAC_OK);
+    naive_full_fisher(g.groups, n_g, kb, bt.T, A, G, Fexp);
+    kfac_block *b = tu_conv_block(&g, NULL);
+    assert_int_equal(tu_feed_update_cov(b, bt.x, bt.d, bt.M, 0.95), KFAC_OK);
     assert_int_equal(kfac_block_full_fisher_block(b, F), KFAC_OK);
     /* A and G each carry TOL_STATS; their product about twice that */
     assert_close_arrays(F, Fexp, (size_t)np * np,
                         2 * TOL_STATS * kfac_tol_max_abs(Fexp, (size_t)np * np), 2 * TOL_STATS,
                         "full_fisher_block");
     kfac_block_free(b);
-    free(x); free(d); free(A); free(G); free(Fexp); free(F);
+    tu_batch_free(&bt);
+    free(A); free(G); free(Fexp); free(F);
 }
 
 /* update_cov bookkeeping: nothing accumulated, or different example counts
@@ -601,18 +545,15 @@ static void test_update_cov_state_and_non_finite(void **state)
     (void)state;
     naive_rng rng;
     naive_rng_seed(&rng, 1010);
-    kfac_conv_geom g = geom(2, 4, 4, 2, 3, 1, 1, 1, 1, 1, KFAC_PATCHES_GENERAL);
-    int kb, n_g, T, M = 2;
-    naive_conv_dims(&g, NULL, &kb, &n_g, &T, NULL, NULL);
-    size_t xs = (size_t)M * g.c * g.h * g.w, ds = (size_t)M * g.n * T;
-    float *x = naive_alloc(xs, sizeof(float)), *d = naive_alloc(ds, sizeof(float));
-    naive_fill_float(&rng, x, xs, 1.0);
-    naive_fill_float(&rng, d, ds, 1.0);
-    kfac_block *b = make_conv(&g, NULL);
+    kfac_conv_geom g = tu_geom(2, 4, 4, 2, 3, 1, 1, 1, 1, 1, KFAC_PATCHES_GENERAL);
+    tu_batch bt;
+    tu_batch_conv(&bt, &g, 2, &rng, 1.0, 1.0);
+    const int kb = bt.kb, n_g = bt.n_g;
+    kfac_block *b = tu_conv_block(&g, NULL);
 
     assert_int_equal(kfac_block_update_cov(b, 0.9), KFAC_ERR_STATE); /* M == 0 */
-    assert_int_equal(kfac_block_accumulate_inputs(b, 0, x, 2), KFAC_OK);
-    assert_int_equal(kfac_block_accumulate_output_grads(b, 0, d, 1), KFAC_OK);
+    assert_int_equal(kfac_block_accumulate_inputs(b, 0, bt.x, 2), KFAC_OK);
+    assert_int_equal(kfac_block_accumulate_output_grads(b, 0, bt.d, 1), KFAC_OK);
     assert_int_equal(kfac_block_update_cov(b, 0.9), KFAC_ERR_STATE); /* 2 vs 1 */
     kfac_block_clear_stats(b);
     assert_int_equal(kfac_block_update_cov(b, 0.9), KFAC_ERR_STATE); /* cleared */
@@ -621,49 +562,45 @@ static void test_update_cov_state_and_non_finite(void **state)
     double *G0 = naive_alloc((size_t)n_g * n_g, sizeof(double));
     double *A1 = naive_alloc((size_t)kb * kb, sizeof(double));
     double *G1 = naive_alloc((size_t)n_g * n_g, sizeof(double));
-    feed(b, 0, x, d, M);
-    assert_int_equal(kfac_block_update_cov(b, 0.9), KFAC_OK);
-    naive_conv_factors(&g, x, d, M, 0, A0, G0);
+    assert_int_equal(tu_feed_update_cov(b, bt.x, bt.d, bt.M, 0.9), KFAC_OK);
+    naive_conv_factors(&g, bt.x, bt.d, bt.M, 0, A0, G0);
     check_group_factors(b, 0, kb, n_g, A0, G0, TOL_STATS, "after clear_stats");
     assert_int_equal(kfac_block_get_factors(b, 0, A0, G0), KFAC_OK);
 
-    float *dn = naive_alloc(ds, sizeof(float));
-    memcpy(dn, d, sizeof(float) * ds);
-    dn[ds / 2] = NAN;
-    feed(b, 0, x, dn, M);
-    assert_int_equal(kfac_block_update_cov(b, 0.9), KFAC_ERR_NOT_FINITE);
+    float *dn = naive_alloc(bt.d_len, sizeof(float));
+    memcpy(dn, bt.d, sizeof(float) * bt.d_len);
+    dn[bt.d_len / 2] = NAN;
+    assert_int_equal(tu_feed_update_cov(b, bt.x, dn, bt.M, 0.9), KFAC_ERR_NOT_FINITE);
     assert_int_equal(kfac_block_get_factors(b, 0, A1, G1), KFAC_OK);
     assert_memory_equal(A1, A0, sizeof(double) * kb * kb);
     assert_memory_equal(G1, G0, sizeof(double) * n_g * n_g);
 
     /* Inf in an input likewise */
-    float *xn = naive_alloc(xs, sizeof(float));
-    memcpy(xn, x, sizeof(float) * xs);
+    float *xn = naive_alloc(bt.x_len, sizeof(float));
+    memcpy(xn, bt.x, sizeof(float) * bt.x_len);
     xn[3] = INFINITY;
-    feed(b, 0, xn, d, M);
-    assert_int_equal(kfac_block_update_cov(b, 0.9), KFAC_ERR_NOT_FINITE);
+    assert_int_equal(tu_feed_update_cov(b, xn, bt.d, bt.M, 0.9), KFAC_ERR_NOT_FINITE);
     assert_int_equal(kfac_block_get_factors(b, 0, A1, G1), KFAC_OK);
     assert_memory_equal(A1, A0, sizeof(double) * kb * kb);
     assert_memory_equal(G1, G0, sizeof(double) * n_g * n_g);
 
     /* sums were cleared: this fold sees only the new (good) batch */
-    naive_fill_float(&rng, x, xs, 2.0);
-    feed(b, 0, x, d, M);
-    assert_int_equal(kfac_block_update_cov(b, 0.5), KFAC_OK);
-    naive_conv_factors(&g, x, d, M, 0, A1, G1);
+    naive_fill_float(&rng, bt.x, bt.x_len, 2.0);
+    assert_int_equal(tu_feed_update_cov(b, bt.x, bt.d, bt.M, 0.5), KFAC_OK);
+    naive_conv_factors(&g, bt.x, bt.d, bt.M, 0, A1, G1);
     for (int i = 0; i < kb * kb; i++) A1[i] = 0.5 * A0[i] + 0.5 * A1[i];
     for (int i = 0; i < n_g * n_g; i++) G1[i] = 0.5 * G0[i] + 0.5 * G1[i];
     check_group_factors(b, 0, kb, n_g, A1, G1, TOL_STATS, "after rejected updates");
 
     /* a fresh block whose first statistics are not finite has no factors */
-    kfac_block *b2 = make_conv(&g, NULL);
-    feed(b2, 0, x, dn, M);
-    assert_int_equal(kfac_block_update_cov(b2, 0.9), KFAC_ERR_NOT_FINITE);
+    kfac_block *b2 = tu_conv_block(&g, NULL);
+    assert_int_equal(tu_feed_update_cov(b2, bt.x, dn, bt.M, 0.9), KFAC_ERR_NOT_FINITE);
     assert_int_equal(kfac_block_get_factors(b2, 0, A1, G1), KFAC_ERR_STATE);
     kfac_block_free(b2);
 
     kfac_block_free(b);
-    free(x); free(d); free(dn); free(xn); free(A0); free(G0); free(A1); free(G1);
+    tu_batch_free(&bt);
+    free(dn); free(xn); free(A0); free(G0); free(A1); free(G1);
 }
 
 int main(void)

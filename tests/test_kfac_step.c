@@ -20,173 +20,119 @@
 
 #include "kfac.h"
 #include "kfac_naive.h"
+#include "kfac_testutil.h"
 #include "kfac_tol.h"
 
-/* One layer: the library's float arrays and the reference's double copies
- * in parameter-vector order. */
+/* One layer: the block with its factors, the library's float arrays and the
+ * reference's double copies in parameter-vector order. */
 typedef struct {
-    kfac_block *b;
-    kfac_damping_type type;
-    int groups, n_g, k, kb, T, bias, np;
-    size_t nw, nbias;
+    tu_block blk;
+    kfac_layer_ref ref; /* ref.block == blk.b */
     double lam;
-    double *A, *G, *D;  /* factors per group, dense damped block */
-    float *w, *bi, *gw, *gb, *vw, *vb, *s1w, *s1b, *s2w, *s2b;
+    double *D; /* dense damped block, after layer_factors */
     double *W, *V, *grad;
     unsigned char *mask;
 } layer;
 
-static void layer_init(layer *L, kfac_block *b, kfac_damping_type type)
+static void layer_init(layer *L, tu_block blk)
 {
-    kfac_block_info info;
     memset(L, 0, sizeof *L);
-    assert_non_null(b);
-    assert_int_equal(kfac_block_info_get(b, &info), KFAC_OK);
-    L->b = b;
-    L->type = type;
-    L->groups = info.groups;
-    L->n_g = info.n_g;
-    L->k = info.k;
-    L->kb = info.kb;
-    L->T = info.T;
-    L->bias = info.kb - info.k;
-    L->np = (int)info.nparams;
-    L->nw = (size_t)L->groups * L->n_g * L->k;
-    L->nbias = L->bias ? (size_t)L->groups * L->n_g : 0;
-    L->A = naive_alloc((size_t)L->groups * L->kb * L->kb, sizeof(double));
-    L->G = naive_alloc((size_t)L->groups * L->n_g * L->n_g, sizeof(double));
-    L->D = naive_alloc((size_t)L->np * L->np, sizeof(double));
-    float **fw[5] = {&L->w, &L->gw, &L->vw, &L->s1w, &L->s2w};
-    float **fb[5] = {&L->bi, &L->gb, &L->vb, &L->s1b, &L->s2b};
-    for (int i = 0; i < 5; i++) {
-        *fw[i] = naive_alloc(L->nw, sizeof(float));
-        *fb[i] = L->bias ? naive_alloc(L->nbias, sizeof(float)) : NULL;
-    }
-    L->W = naive_alloc(L->np, sizeof(double));
-    L->V = naive_alloc(L->np, sizeof(double));
-    L->grad = naive_alloc(L->np, sizeof(double));
-    L->mask = naive_alloc(L->np, 1);
-    naive_bias_mask(L->groups, L->n_g, L->k, L->bias, L->mask);
-}
-
-static kfac_config cfg_for(kfac_damping_type type)
-{
-    kfac_config cfg;
-    kfac_config_default(&cfg);
-    cfg.damping_type = type;
-    return cfg;
+    L->blk = blk;
+    tu_layer_ref_alloc(&L->ref, &L->blk);
+    int np = L->blk.np;
+    L->W = naive_alloc(np, sizeof(double));
+    L->V = naive_alloc(np, sizeof(double));
+    L->grad = naive_alloc(np, sizeof(double));
+    L->mask = naive_alloc(np, 1);
+    naive_bias_mask(blk.groups, blk.n_g, blk.k, blk.bias, L->mask);
 }
 
 static void layer_conv(layer *L, int c, int h, int w, int n, int size, int groups, int bias,
                        kfac_damping_type type)
 {
-    kfac_conv_geom g;
-    memset(&g, 0, sizeof g);
-    g.c = c; g.h = h; g.w = w; g.n = n; g.size = size; g.stride = 1; g.pad = size / 2;
-    g.dilation = 1; g.groups = groups; g.bias = bias; g.patches = KFAC_PATCHES_GENERAL;
-    kfac_config cfg = cfg_for(type);
-    kfac_block *b = NULL;
-    assert_int_equal(kfac_conv_block_create(&g, &cfg, &b), KFAC_OK);
-    layer_init(L, b, type);
+    kfac_conv_geom g = tu_geom(c, h, w, n, size, 1, size / 2, 1, groups, bias,
+                               KFAC_PATCHES_GENERAL);
+    kfac_config cfg = tu_config(type, KFAC_PRECISION_FLOAT);
+    tu_block blk;
+    tu_block_conv(&blk, &g, &cfg);
+    layer_init(L, blk);
 }
 
 static void layer_fc(layer *L, int in, int out, int bias, kfac_damping_type type)
 {
-    kfac_config cfg = cfg_for(type);
-    kfac_block *b = NULL;
-    assert_int_equal(kfac_fc_block_create(in, out, bias, &cfg, &b), KFAC_OK);
-    layer_init(L, b, type);
+    kfac_config cfg = tu_config(type, KFAC_PRECISION_FLOAT);
+    tu_block blk;
+    tu_block_fc(&blk, in, out, bias, &cfg);
+    layer_init(L, blk);
 }
 
 static void layer_free(layer *L)
 {
-    kfac_block_free(L->b);
-    free(L->A); free(L->G); free(L->D);
-    free(L->w); free(L->bi); free(L->gw); free(L->gb); free(L->vw); free(L->vb);
-    free(L->s1w); free(L->s1b); free(L->s2w); free(L->s2b);
+    tu_layer_ref_free(&L->ref);
+    tu_block_free(&L->blk);
+    free(L->D);
     free(L->W); free(L->V); free(L->grad); free(L->mask);
-}
-
-static void random_spd(naive_rng *r, int n, double scale, double *S)
-{
-    double *B = naive_alloc((size_t)n * n, sizeof(double));
-    naive_fill_double(r, B, (size_t)n * n, 1.0);
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
-            double t = 0.0;
-            for (int l = 0; l < n; l++)
-                t += B[i * n + l] * B[j * n + l];
-            S[i * n + j] = scale * (t / n + (i == j ? 0.3 : 0.0));
-        }
-    free(B);
 }
 
 /* Random SPD factors, damping lam, inverse computed; D = dense damped block. */
 static void layer_factors(layer *L, naive_rng *r, double lam)
 {
-    for (int j = 0; j < L->groups; j++) {
-        double *A = L->A + (size_t)j * L->kb * L->kb, *G = L->G + (size_t)j * L->n_g * L->n_g;
-        random_spd(r, L->kb, 2.0, A);
-        random_spd(r, L->n_g, 0.2, G);
-        assert_int_equal(kfac_block_set_factors(L->b, j, A, G), KFAC_OK);
-    }
+    tu_block_random_factors(&L->blk, r, 2.0, 0.0, 0.2, 0.0);
     L->lam = lam;
-    assert_int_equal(kfac_block_instantiate_factors(L->b, lam), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(L->b), KFAC_OK);
-    assert_int_equal(kfac_block_update_inverses(L->b), KFAC_OK);
-    naive_damped_block(L->type, L->groups, L->n_g, L->kb, L->T, L->A, L->G, lam, L->D);
+    tu_block_invert(&L->blk, lam);
+    free(L->D);
+    L->D = tu_block_dense_damped(&L->blk, lam);
 }
 
 /* Random weights (velocity zero) and mirrors for the reference. */
 static void layer_weights(layer *L, naive_rng *r)
 {
-    naive_fill_float(r, L->w, L->nw, 0.5);
-    if (L->bias)
-        naive_fill_float(r, L->bi, L->nbias, 0.5);
-    naive_pack(L->groups, L->n_g, L->k, L->bias, L->w, L->bi, L->W);
-    memset(L->vw, 0, sizeof(float) * L->nw);
-    if (L->bias)
-        memset(L->vb, 0, sizeof(float) * L->nbias);
-    memset(L->V, 0, sizeof(double) * L->np);
+    tu_block_fill_params(&L->blk, r, 0.5, L->ref.w, L->ref.b, L->W);
+    memset(L->ref.vel_w, 0, sizeof(float) * L->blk.nw);
+    if (L->blk.bias)
+        memset(L->ref.vel_b, 0, sizeof(float) * L->blk.nbias);
+    memset(L->V, 0, sizeof(double) * L->blk.np);
 }
 
 /* New batch-summed gradients (Darknet's weight_updates sign: minus it). */
 static void layer_grads(layer *L, naive_rng *r, double scale)
 {
-    naive_fill_float(r, L->gw, L->nw, scale);
-    if (L->bias)
-        naive_fill_float(r, L->gb, L->nbias, scale);
-    naive_pack(L->groups, L->n_g, L->k, L->bias, L->gw, L->gb, L->grad);
+    tu_block_fill_params(&L->blk, r, scale, L->ref.grad_w, L->ref.grad_b, L->grad);
 }
 
-static kfac_layer_ref layer_ref(layer *L)
+/* A connected 4 -> 3 layer with bias (factored damping) ready to step:
+ * factors with lam 0.05, weights, gradients of the given scale. */
+static void layer_fc_ready(layer *L, naive_rng *r, uint64_t seed, double grad_scale)
 {
-    kfac_layer_ref ref = {L->b, L->w, L->bi, L->gw, L->gb, L->vw, L->vb,
-                          L->s1w, L->s1b, L->s2w, L->s2b};
-    return ref;
+    naive_rng_seed(r, seed);
+    layer_fc(L, 4, 3, 1, KFAC_DAMPING_FACTORED);
+    layer_factors(L, r, 0.05);
+    layer_weights(L, r);
+    layer_grads(L, r, grad_scale);
 }
 
 static naive_step_layer naive_layer(layer *L)
 {
-    naive_step_layer n = {L->np, L->D, L->mask, L->W, L->V, L->grad};
+    naive_step_layer n = {L->blk.np, L->D, L->mask, L->W, L->V, L->grad};
     return n;
 }
 
 /* Library weights/velocity vs the reference; gradients zeroed. */
 static void check_layer(layer *L, const char *what)
 {
-    double *flat = naive_alloc(L->np, sizeof(double));
+    int np = L->blk.np;
+    double *flat = naive_alloc(np, sizeof(double));
     char name[128];
-    naive_pack(L->groups, L->n_g, L->k, L->bias, L->w, L->bi, flat);
+    tu_block_pack(&L->blk, L->ref.w, L->ref.b, flat);
     snprintf(name, sizeof name, "%s: weights+bias", what);
-    assert_close_arrays(flat, L->W, L->np, TOL_STEP * kfac_tol_max_abs(L->W, L->np), TOL_STEP, name);
-    naive_pack(L->groups, L->n_g, L->k, L->bias, L->vw, L->vb, flat);
+    assert_close_arrays(flat, L->W, np, TOL_STEP * kfac_tol_max_abs(L->W, np), TOL_STEP, name);
+    tu_block_pack(&L->blk, L->ref.vel_w, L->ref.vel_b, flat);
     snprintf(name, sizeof name, "%s: velocity", what);
-    assert_close_arrays(flat, L->V, L->np, TOL_STEP * kfac_tol_max_abs(L->V, L->np), TOL_STEP, name);
-    for (size_t i = 0; i < L->nw; i++)
-        assert_true(L->gw[i] == 0.0f);
-    for (size_t i = 0; i < L->nbias; i++)
-        assert_true(L->gb[i] == 0.0f);
+    assert_close_arrays(flat, L->V, np, TOL_STEP * kfac_tol_max_abs(L->V, np), TOL_STEP, name);
+    for (size_t i = 0; i < L->blk.nw; i++)
+        assert_true(L->ref.grad_w[i] == 0.0f);
+    for (size_t i = 0; i < L->blk.nbias; i++)
+        assert_true(L->ref.grad_b[i] == 0.0f);
     free(flat);
 }
 
@@ -197,10 +143,10 @@ static double reference_gdd(layer *Ls, int n, double wd, int batch)
     double **Wc = naive_alloc(n, sizeof(double *)), **Vc = naive_alloc(n, sizeof(double *));
     for (int i = 0; i < n; i++) {
         nl[i] = naive_layer(&Ls[i]);
-        Wc[i] = naive_alloc(Ls[i].np, sizeof(double));
-        Vc[i] = naive_alloc(Ls[i].np, sizeof(double));
-        memcpy(Wc[i], Ls[i].W, sizeof(double) * Ls[i].np);
-        memcpy(Vc[i], Ls[i].V, sizeof(double) * Ls[i].np);
+        Wc[i] = naive_alloc(Ls[i].blk.np, sizeof(double));
+        Vc[i] = naive_alloc(Ls[i].blk.np, sizeof(double));
+        memcpy(Wc[i], Ls[i].W, sizeof(double) * Ls[i].blk.np);
+        memcpy(Vc[i], Ls[i].V, sizeof(double) * Ls[i].blk.np);
         nl[i].W = Wc[i];
         nl[i].V = Vc[i];
     }
@@ -218,23 +164,24 @@ static double reference_gdd(layer *Ls, int n, double wd, int batch)
 typedef struct { float *w, *b, *vw, *vb; } snap;
 static snap take_snap(const layer *L)
 {
-    snap s = {naive_alloc(L->nw, sizeof(float)), naive_alloc(L->nbias + 1, sizeof(float)),
-              naive_alloc(L->nw, sizeof(float)), naive_alloc(L->nbias + 1, sizeof(float))};
-    memcpy(s.w, L->w, sizeof(float) * L->nw);
-    memcpy(s.vw, L->vw, sizeof(float) * L->nw);
-    if (L->bias) {
-        memcpy(s.b, L->bi, sizeof(float) * L->nbias);
-        memcpy(s.vb, L->vb, sizeof(float) * L->nbias);
+    size_t nw = L->blk.nw, nbias1 = L->blk.nbias + 1;
+    snap s = {naive_alloc(nw, sizeof(float)), naive_alloc(nbias1, sizeof(float)),
+              naive_alloc(nw, sizeof(float)), naive_alloc(nbias1, sizeof(float))};
+    memcpy(s.w, L->ref.w, sizeof(float) * L->blk.nw);
+    memcpy(s.vw, L->ref.vel_w, sizeof(float) * L->blk.nw);
+    if (L->blk.bias) {
+        memcpy(s.b, L->ref.b, sizeof(float) * L->blk.nbias);
+        memcpy(s.vb, L->ref.vel_b, sizeof(float) * L->blk.nbias);
     }
     return s;
 }
 static void check_untouched(const layer *L, snap s)
 {
-    assert_memory_equal(L->w, s.w, sizeof(float) * L->nw);
-    assert_memory_equal(L->vw, s.vw, sizeof(float) * L->nw);
-    if (L->bias) {
-        assert_memory_equal(L->bi, s.b, sizeof(float) * L->nbias);
-        assert_memory_equal(L->vb, s.vb, sizeof(float) * L->nbias);
+    assert_memory_equal(L->ref.w, s.w, sizeof(float) * L->blk.nw);
+    assert_memory_equal(L->ref.vel_w, s.vw, sizeof(float) * L->blk.nw);
+    if (L->blk.bias) {
+        assert_memory_equal(L->ref.b, s.b, sizeof(float) * L->blk.nbias);
+        assert_memory_equal(L->ref.vel_b, s.vb, sizeof(float) * L->blk.nbias);
     }
     free(s.w); free(s.b); free(s.vw); free(s.vb);
 }
@@ -269,7 +216,7 @@ static void test_step_clipping_and_momentum(void **state)
         if (step == 0)
             assert_close_scalar(nu, sqrt(0.3), 1e-12, 0, "reference nu");
 
-        kfac_layer_ref refs[2] = {layer_ref(&Ls[0]), layer_ref(&Ls[1])};
+        kfac_layer_ref refs[2] = {Ls[0].ref, Ls[1].ref};
         kfac_step_args args = {eta, mu, wd, batch, C};
         kfac_step_report rep;
         memset(&rep, 0x55, sizeof rep);
@@ -309,7 +256,7 @@ static void test_step_unclipped_exact(void **state)
     naive_step_layer nl[2] = {naive_layer(&Ls[0]), naive_layer(&Ls[1])};
     double nu, gdd;
     naive_kfac_step(nl, 2, 0.05, 0.0, 0.0005, 4, 0.0, &nu, &gdd);
-    kfac_layer_ref refs[2] = {layer_ref(&Ls[0]), layer_ref(&Ls[1])};
+    kfac_layer_ref refs[2] = {Ls[0].ref, Ls[1].ref};
     kfac_step_args args = {0.05, 0.0, 0.0005, 4, 0.0};
     kfac_step_report rep;
     assert_int_equal(kfac_step(refs, 2, &args, &rep), KFAC_OK);
@@ -332,27 +279,24 @@ static void test_vector_v5(void **state)
     for (int c = 0; c < 3; c++) {
         layer L;
         layer_fc(&L, 3, 1, 0, KFAC_DAMPING_EXACT);
-        double A[9], G[1] = {1.0};
-        naive_eye(A, 3);
-        assert_int_equal(kfac_block_set_factors(L.b, 0, A, G), KFAC_OK);
-        assert_int_equal(kfac_block_instantiate_factors(L.b, 0.0), KFAC_OK);
-        assert_int_equal(kfac_block_register_inverse(L.b), KFAC_OK);
-        assert_int_equal(kfac_block_update_inverses(L.b), KFAC_OK);
+        naive_eye(L.blk.A, 3);
+        L.blk.G[0] = 1.0;
+        tu_block_set_factors(&L.blk);
+        tu_block_invert(&L.blk, 0.0);
         const float g[3] = {13, 2, 1};
         for (int i = 0; i < 3; i++) {
-            L.gw[i] = -g[i]; /* batch 1: g = -grad */
-            L.w[i] = 0.0f;
+            L.ref.grad_w[i] = -g[i]; /* batch 1: g = -grad */
+            L.ref.w[i] = 0.0f;
         }
-        kfac_layer_ref ref = layer_ref(&L);
         kfac_step_args args = {0.1, 0.0, 0.0, 1, Cs[c]};
         kfac_step_report rep;
-        assert_int_equal(kfac_step(&ref, 1, &args, &rep), KFAC_OK);
+        assert_int_equal(kfac_step(&L.ref, 1, &args, &rep), KFAC_OK);
         assert_close_scalar(rep.gdotdelta, 174.0, 0, 1e-6, "V5 <g,Delta>");
         assert_close_scalar(rep.nu, nus[c], TOL_VECTOR_ABS, 0, "V5 nu");
         double want[3];
         for (int i = 0; i < 3; i++)
             want[i] = -0.1 * nus[c] * g[i];
-        assert_close_arrays_f(L.w, want, 3, 1e-5, 0, "V5 weights");
+        assert_close_arrays_f(L.ref.w, want, 3, 1e-5, 0, "V5 weights");
         layer_free(&L);
     }
 }
@@ -375,9 +319,9 @@ static void run_skip_case(breaker_fn breaker, kfac_damping_type type1, uint64_t 
         layer_grads(&Ls[i], &r, 3.0);
     }
     /* non-zero velocity on the broken layer so "untouched" is meaningful */
-    naive_fill_float(&r, Ls[1].vw, Ls[1].nw, 0.2);
-    if (Ls[1].bias)
-        naive_fill_float(&r, Ls[1].vb, Ls[1].nbias, 0.2);
+    naive_fill_float(&r, Ls[1].ref.vel_w, Ls[1].blk.nw, 0.2);
+    if (Ls[1].blk.bias)
+        naive_fill_float(&r, Ls[1].ref.vel_b, Ls[1].blk.nbias, 0.2);
     breaker(&Ls[1], &r);
 
     const double eta = 0.2, mu = 0.5, wd = 0.001;
@@ -388,7 +332,7 @@ static void run_skip_case(breaker_fn breaker, kfac_damping_type type1, uint64_t 
     naive_kfac_step(&nl, 1, eta, mu, wd, batch, C, &nu, &gdd);
 
     snap s1 = take_snap(&Ls[1]);
-    kfac_layer_ref refs[2] = {layer_ref(&Ls[0]), layer_ref(&Ls[1])};
+    kfac_layer_ref refs[2] = {Ls[0].ref, Ls[1].ref};
     kfac_step_args args = {eta, mu, wd, batch, C};
     kfac_step_report rep;
     assert_int_equal(kfac_step(refs, 2, &args, &rep), KFAC_OK);
@@ -402,10 +346,10 @@ static void run_skip_case(breaker_fn breaker, kfac_damping_type type1, uint64_t 
     assert_close_scalar(rep.gdotdelta, gdd, 0, TOL_SCALAR, name);
     check_layer(&Ls[0], what);
     check_untouched(&Ls[1], s1);
-    for (size_t i = 0; i < Ls[1].nw; i++)
-        assert_true(Ls[1].gw[i] == 0.0f);
-    for (size_t i = 0; i < Ls[1].nbias; i++)
-        assert_true(Ls[1].gb[i] == 0.0f);
+    for (size_t i = 0; i < Ls[1].blk.nw; i++)
+        assert_true(Ls[1].ref.grad_w[i] == 0.0f);
+    for (size_t i = 0; i < Ls[1].blk.nbias; i++)
+        assert_true(Ls[1].ref.grad_b[i] == 0.0f);
     layer_free(&Ls[0]);
     layer_free(&Ls[1]);
 }
@@ -413,13 +357,13 @@ static void run_skip_case(breaker_fn breaker, kfac_damping_type type1, uint64_t 
 static void break_nan_grad(layer *L, naive_rng *r)
 {
     layer_factors(L, r, 0.05);
-    L->gw[2] = NAN;
+    L->ref.grad_w[2] = NAN;
 }
 
 static void break_inf_bias_grad(layer *L, naive_rng *r)
 {
     layer_factors(L, r, 0.05);
-    L->gb[1] = -INFINITY;
+    L->ref.grad_b[1] = -INFINITY;
 }
 
 /* The block's only statistics had a NaN planted in a captured gradient:
@@ -430,12 +374,10 @@ static void break_nan_statistics(layer *L, naive_rng *r)
     naive_fill_float(r, x, 8, 1.0);
     naive_fill_float(r, d, 6, 1.0);
     d[4] = NAN;
-    assert_int_equal(kfac_block_accumulate_inputs(L->b, 0, x, 2), KFAC_OK);
-    assert_int_equal(kfac_block_accumulate_output_grads(L->b, 0, d, 2), KFAC_OK);
-    assert_int_equal(kfac_block_update_cov(L->b, 0.95), KFAC_ERR_NOT_FINITE);
-    assert_int_equal(kfac_block_register_inverse(L->b), KFAC_OK);
-    assert_int_equal(kfac_block_update_inverses(L->b), KFAC_ERR_STATE);
-    assert_int_equal(kfac_block_has_inverse(L->b), 0);
+    assert_int_equal(tu_feed_update_cov(L->blk.b, x, d, 2, 0.95), KFAC_ERR_NOT_FINITE);
+    assert_int_equal(kfac_block_register_inverse(L->blk.b), KFAC_OK);
+    assert_int_equal(kfac_block_update_inverses(L->blk.b), KFAC_ERR_STATE);
+    assert_int_equal(kfac_block_has_inverse(L->blk.b), 0);
 }
 
 /* Exact damping with lam = 0 and A = 0 (finite, symmetric, accepted):
@@ -444,13 +386,11 @@ static void break_nan_statistics(layer *L, naive_rng *r)
 static void break_singular_block(layer *L, naive_rng *r)
 {
     (void)r;
-    double A[25], G[9];
-    memset(A, 0, sizeof A);
-    naive_eye(G, 3);
-    assert_int_equal(kfac_block_set_factors(L->b, 0, A, G), KFAC_OK);
-    assert_int_equal(kfac_block_instantiate_factors(L->b, 0.0), KFAC_OK);
-    assert_int_equal(kfac_block_register_inverse(L->b), KFAC_OK);
-    kfac_status rc = kfac_block_update_inverses(L->b);
+    memset(L->blk.A, 0, sizeof(double) * 25);
+    naive_eye(L->blk.G, 3);
+    tu_block_set_factors(&L->blk);
+    tu_block_register(&L->blk, 0.0, NULL, 0);
+    kfac_status rc = kfac_block_update_inverses(L->blk.b);
     assert_true(rc == KFAC_OK || rc == KFAC_ERR_NOT_FINITE || rc == KFAC_ERR_LAPACK);
 }
 
@@ -480,41 +420,34 @@ static void test_step_after_rejected_factors(void **state)
 {
     (void)state;
     naive_rng r;
-    naive_rng_seed(&r, 3008);
     layer L;
-    layer_fc(&L, 4, 3, 1, KFAC_DAMPING_FACTORED);
-    layer_factors(&L, &r, 0.05);
-    layer_weights(&L, &r);
-    layer_grads(&L, &r, 2.0);
+    layer_fc_ready(&L, &r, 3008, 2.0);
     double A0[25], G0[9], A1[25], G1[9];
-    assert_int_equal(kfac_block_get_factors(L.b, 0, A0, G0), KFAC_OK);
+    assert_int_equal(kfac_block_get_factors(L.blk.b, 0, A0, G0), KFAC_OK);
 
     double An[25], Gn[9];
     memcpy(An, A0, sizeof An);
     memcpy(Gn, G0, sizeof Gn);
     An[6] = NAN;
-    assert_int_equal(kfac_block_set_factors(L.b, 0, An, G0), KFAC_ERR_NOT_FINITE);
+    assert_int_equal(kfac_block_set_factors(L.blk.b, 0, An, G0), KFAC_ERR_NOT_FINITE);
     Gn[0] = INFINITY;
-    assert_int_equal(kfac_block_set_factors(L.b, 0, A0, Gn), KFAC_ERR_NOT_FINITE);
+    assert_int_equal(kfac_block_set_factors(L.blk.b, 0, A0, Gn), KFAC_ERR_NOT_FINITE);
     float x[2 * 4], d[2 * 3];
     naive_fill_float(&r, x, 8, 1.0);
     naive_fill_float(&r, d, 6, 1.0);
     d[1] = NAN;
-    assert_int_equal(kfac_block_accumulate_inputs(L.b, 0, x, 2), KFAC_OK);
-    assert_int_equal(kfac_block_accumulate_output_grads(L.b, 0, d, 2), KFAC_OK);
-    assert_int_equal(kfac_block_update_cov(L.b, 0.5), KFAC_ERR_NOT_FINITE);
-    assert_int_equal(kfac_block_get_factors(L.b, 0, A1, G1), KFAC_OK);
+    assert_int_equal(tu_feed_update_cov(L.blk.b, x, d, 2, 0.5), KFAC_ERR_NOT_FINITE);
+    assert_int_equal(kfac_block_get_factors(L.blk.b, 0, A1, G1), KFAC_OK);
     assert_memory_equal(A1, A0, sizeof A0);
     assert_memory_equal(G1, G0, sizeof G0);
-    assert_int_equal(kfac_block_update_inverses(L.b), KFAC_OK);
+    assert_int_equal(kfac_block_update_inverses(L.blk.b), KFAC_OK);
 
     naive_step_layer nl = naive_layer(&L);
     double nu, gdd;
     naive_kfac_step(&nl, 1, 0.1, 0.9, 0.001, 2, 0.0, &nu, &gdd);
-    kfac_layer_ref ref = layer_ref(&L);
     kfac_step_args args = {0.1, 0.9, 0.001, 2, 0.0};
     kfac_step_report rep;
-    assert_int_equal(kfac_step(&ref, 1, &args, &rep), KFAC_OK);
+    assert_int_equal(kfac_step(&L.ref, 1, &args, &rep), KFAC_OK);
     assert_int_equal(rep.applied, 1);
     assert_int_equal(rep.skipped, 0);
     assert_close_scalar(rep.gdotdelta, gdd, 0, TOL_SCALAR, "<g,Delta> with the old block");
@@ -527,16 +460,12 @@ static void test_step_bad_arguments(void **state)
 {
     (void)state;
     naive_rng r;
-    naive_rng_seed(&r, 3007);
     layer L;
-    layer_fc(&L, 4, 3, 1, KFAC_DAMPING_FACTORED);
-    layer_factors(&L, &r, 0.05);
-    layer_weights(&L, &r);
-    layer_grads(&L, &r, 1.0);
-    float *gw0 = naive_alloc(L.nw, sizeof(float));
-    memcpy(gw0, L.gw, sizeof(float) * L.nw);
+    layer_fc_ready(&L, &r, 3007, 1.0);
+    float *gw0 = naive_alloc(L.blk.nw, sizeof(float));
+    memcpy(gw0, L.ref.grad_w, sizeof(float) * L.blk.nw);
     snap s = take_snap(&L);
-    kfac_layer_ref ref = layer_ref(&L);
+    kfac_layer_ref ref = L.ref;
     kfac_step_args args = {0.1, 0.9, 0.0, 8, 0.001};
     kfac_step_report rep;
 
@@ -555,7 +484,7 @@ static void test_step_bad_arguments(void **state)
     nb = ref;
     nb.block = NULL;
     assert_int_equal(kfac_step(&nb, 1, &args, &rep), KFAC_ERR_NULL);
-    assert_memory_equal(L.gw, gw0, sizeof(float) * L.nw);
+    assert_memory_equal(L.ref.grad_w, gw0, sizeof(float) * L.blk.nw);
     check_untouched(&L, s);
     free(gw0);
     layer_free(&L);
