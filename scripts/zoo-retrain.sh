@@ -1,12 +1,12 @@
 #!/bin/bash
 # Retraining comparison on a real model-zoo network (`make zoo-retrain`):
 # upstream Darknet's tiny.cfg ("tiny darknet", cfg/zoo/tiny.cfg) trained on
-# Fashion-MNIST with SGD and with K-FAC, from the same initial weights (saved
-# by the SGD run, loaded by the K-FAC run), with the same seed and therefore
-# the same minibatch sequence, for the same number of steps. Writes
-# build/zoo-retrain/results.csv and build/zoo-retrain/compare.png and prints,
-# per method, the iterations and training seconds to a few test accuracies,
-# the final accuracy and the seconds per step.
+# Fashion-MNIST with SGD and with K-FAC, from the same initial weights and
+# minibatch sequence (scripts/lib-compare.sh), for the same number of steps.
+# Writes build/zoo-retrain/results.csv and build/zoo-retrain/compare.png and
+# prints, per method, the iterations and training seconds to a few test
+# accuracies, the final accuracy and the seconds per step, then the
+# K-FAC/SGD ratios.
 #
 # The network is upstream's, reduced to the Fashion-MNIST input only:
 #   [net] height=28 width=28 channels=3 (kfac_demo replicates the grey plane),
@@ -34,6 +34,7 @@
 # committed cfg/zoo-retrain/ ones (checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-compare.sh
 
 DEF_ITERS=3000 DEF_BATCH=128
 # Default steps: planned for ~30 minutes of training; measured 2026-11-25 on
@@ -62,7 +63,7 @@ gen() {
     tmp=$(mktemp)
     for m in sgd kfac; do
         local extra=(NOKFAC=1)
-        [ "$m" = kfac ] && extra=(kfac.damping=$KFAC_DAMPING kfac.norm_constraint=$KFAC_NORM kfac.cov_update_every=$KFAC_COV_EVERY)
+        [ "$m" = kfac ] && extra=("kfac.damping=$KFAC_DAMPING" "kfac.norm_constraint=$KFAC_NORM" "kfac.cov_update_every=$KFAC_COV_EVERY")
         scripts/zoo-reduce.sh "$src" "$tmp" height=28 width=28 channels=3 min_crop=28 max_crop=28 \
             angle=0 hue=0 saturation=1 exposure=1 aspect=1 \
             batch="$b" subdivisions=1 max_batches="$n" "${extra[@]}"
@@ -101,11 +102,7 @@ if [ "${1:-}" = --cfgs ]; then
     exit 0
 fi
 
-make --no-print-directory build/kfac_demo >&2
-# stdout (Darknet's layer table, K-FAC's per-step line) goes to build/zoo-retrain/*.log;
-# stderr shows one line per evaluation.
-mkdir -p "$out"
-rm -f "$out/results.csv"
+compare_setup "$out" 0 0
 gen "$out" "$batch" "$iters"
 if [ "$iters" = "$DEF_ITERS" ] && [ "$batch" = "$DEF_BATCH" ]; then
     for m in sgd kfac; do
@@ -114,12 +111,8 @@ if [ "$iters" = "$DEF_ITERS" ] && [ "$batch" = "$DEF_BATCH" ]; then
     done
 fi
 
-echo "cores: $(nproc), OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-unset (OpenBLAS default: all cores)}"
 echo "tiny.cfg on Fashion-MNIST: $iters steps per method at batch $batch, test accuracy every $every steps"
-build/kfac_demo train --cfg "$out/tiny_sgd.cfg" --method sgd --iters "$iters" --eval-every "$every" --seed "$seed" \
-    --data-dir "$data" --csv "$out/results.csv" --save-init "$out/init.weights" >"$out/sgd.log"
-build/kfac_demo train --cfg "$out/tiny_kfac.cfg" --method kfac --iters "$iters" --eval-every "$every" --seed "$seed" \
-    --data-dir "$data" --csv "$out/results.csv" --init "$out/init.weights" >"$out/kfac.log"
+compare_run "$out/tiny_sgd.cfg" "$out/tiny_kfac.cfg" --iters "$iters" --eval-every "$every" --seed "$seed" --data-dir "$data"
 
 # Accuracy axis from 0.8, or lower if a point of the last three quarters of
 # a run is lower (short runs: batch-norm rolling statistics still settling).
@@ -127,28 +120,6 @@ ylo=$(awk -F, -v n="$iters" 'NR > 1 && $2 >= n / 4 && $5 < lo { lo = $5 } BEGIN 
       END { printf "%.2f", lo < 0.8 ? int(lo * 20) / 20 : 0.8 }' "$out/results.csv")
 scripts/plot-compare.sh "$out" "tiny.cfg (upstream Darknet, 28x28x3 input, 10 classes) on Fashion-MNIST: K-FAC vs SGD\\n$iters steps each, batch $batch, same initial weights and minibatches" "$ylo"
 
-# Accuracy is only measured every ZR_EVAL steps, so "reached" means at the
-# first evaluation at or above the threshold (an upper bound on the truth).
 echo
 echo "results: $out/results.csv ($iters steps per method, test accuracy on 10000 images every $every steps)"
-awk -F, -v thr="85 88 90 91" '
-BEGIN { nt = split(thr, T, " ") }
-NR == 1 { next }
-{
-    m = $1; if (!(m in seen)) { seen[m] = 1; order[++n] = m }
-    for (j = 1; j <= nt; ++j) if (!((m, j) in it) && $5 >= T[j] / 100) { it[m, j] = $2; sec[m, j] = $3 }
-    last[m] = $5; lastit[m] = $2; lastsec[m] = $3
-}
-function cell(m, j) { return ((m, j) in it) ? sprintf("%5d it %6.0f s", it[m, j], sec[m, j]) : sprintf("%16s", "not reached") }
-END {
-    printf "%-6s", "method"
-    for (j = 1; j <= nt; ++j) printf " | %-16s", "to " T[j] "% test acc"
-    printf " | %-26s | %s\n", "final acc (steps, train s)", "s/step"
-    for (i = 1; i <= n; ++i) {
-        m = order[i]; printf "%-6s", m
-        for (j = 1; j <= nt; ++j) printf " | %s", cell(m, j)
-        printf " | %.4f (%5d, %7.1f s)   | %.3f\n", last[m], lastit[m], lastsec[m], lastsec[m] / lastit[m]
-    }
-    if (("sgd" in last) && ("kfac" in last) && lastsec["sgd"] > 0)
-        printf "K-FAC / SGD seconds per step: %.2f\n", (lastsec["kfac"] / lastit["kfac"]) / (lastsec["sgd"] / lastit["sgd"])
-}' "$out/results.csv"
+compare_table "$out/results.csv" "85 88 90 91"
