@@ -23,9 +23,16 @@
  *  - NULL: a NULL block/config pointer gives KFAC_ERR_NULL. A NULL bias
  *    pointer is allowed exactly when the block has no bias.
  *  - Allocation happens in kfac_*_create(), kfac_block_register_*(),
- *    kfac_conv_block_resize() and the checkpoint functions; no function
- *    called per training step allocates.
+ *    kfac_conv_block_resize(), kfac_opt_create()/kfac_opt_add_layer() and
+ *    the checkpoint functions; no function called per training step
+ *    allocates.
  *  - Nothing in the library prints or exits; messages are returned.
+ *
+ * Two levels: the block API (one layer's Fisher block: statistics,
+ * factors, damping, inverses, products; what tests and library users call)
+ * and the optimizer context kfac_opt at the end of this header (a whole
+ * network's K-FAC: it owns the blocks and everything kept between steps, and
+ * runs the step). Darknet's glue uses the context.
  */
 #ifndef KFAC_H
 #define KFAC_H

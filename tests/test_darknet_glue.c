@@ -1,5 +1,5 @@
 /*
- * Tests of the Darknet glue (darknet_kfac/kfac_darknet.c and the patches that
+ * Tests of the Darknet glue (darknet_kfac/kfac_darknet_*.c and the patches that
  * call it) on tiny networks parsed from cfg strings, one thread, fixed seeds.
  * References are built independently in this file: finite differences of
  * net->cost for Darknet's gradients, a naive im2col and explicit sums for the
@@ -797,7 +797,7 @@ static void test_cfg_errors(void **state)
 
 /* A 1x1 conv whose input also feeds a shortcut: upstream's CPU backward wrote
  * the 1x1 input gradient with BETA 0 and so discarded the shortcut's share
- * (patches/0009). Finite differences through both paths catch that. */
+ * (patches/0001). Finite differences through both paths catch that. */
 static const char *cfg_conv1x1_shortcut =
     "[net]\nbatch=2\nsubdivisions=1\nheight=4\nwidth=4\nchannels=2\n\n"
     "[convolutional]\nfilters=3\nsize=3\nstride=1\npad=1\nactivation=tanh\n\n"

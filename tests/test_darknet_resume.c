@@ -1,7 +1,7 @@
 /*
  * Checkpoint/resume and fault tests of the Darknet glue (kfac_darknet_ckpt.c,
- * the failed-step rules of kfac_darknet.c, patches/0010): a run interrupted
- * by save_weights and resumed from the weights file and its "<weights>.kfac"
+ * the failed-step rules of the optimizer context, patches/0110-0112): a run
+ * interrupted by save_weights and resumed from the weights file and its "<weights>.kfac"
  * sidecar in a freshly parsed network must end with the very bits of an
  * uninterrupted run; a missing sidecar starts K-FAC fresh with a warning; a
  * corrupt, truncated, stale or foreign sidecar is refused with a message and

@@ -56,7 +56,7 @@ static double now_s(void)
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-/* train_network (network.c, with patch 0005's train_network_datum) with a
+/* train_network (network.c, with patch 0106's train_network_datum) with a
  * clock between the phases of each step: forward, backward (K-FAC's input
  * captures included), the sampled-Fisher pass, update (K-FAC's factor,
  * inverse and preconditioning work included). Keep in step with network.c. */
