@@ -84,6 +84,17 @@ typedef enum {
     KFAC_PRECISION_DOUBLE     /* applied in double (dgemm), as computed */
 } kfac_precision;
 
+typedef enum {
+    KFAC_STEP_AUTO = 0,   /* learning rate and momentum from the quadratic model */
+    KFAC_STEP_POLICY      /* the [net] learning rate, a fixed momentum, the norm constraint */
+} kfac_step_size;
+
+typedef enum {
+    KFAC_CURVATURE_EXACT = 0, /* the quadratic model uses the network's own Gauss-Newton
+                                 products where the caller provides them (kfac_curvature) */
+    KFAC_CURVATURE_KFAC       /* the Kronecker blocks' approximation */
+} kfac_curvature_kind;
+
 #define KFAC_MAX_SKIP 64
 
 /* The [kfac] cfg section. Plain data; fill with kfac_config_default(). */
@@ -120,6 +131,26 @@ typedef struct {
                                   ceil(batch / cov_subsample) examples of each
                                   mini-batch (the caller's policy; the library
                                   averages over whatever it is given) */
+    kfac_step_size step_size;  /* auto (default): each step's learning rate and
+                                  momentum minimise the quadratic model over
+                                  (Delta, previous step), scaled by the
+                                  caller's schedule (eta/eta_0); policy: the
+                                  caller's rate, `momentum`, and nu (sem. 5) */
+    int    damping_adapt_every; /* >= 0, default 5: every that many steps the
+                                  Levenberg-Marquardt rule adapts the damping
+                                  from rho = actual / predicted loss change
+                                  (kfac_opt_adapt_damping); 0 keeps it fixed */
+    double damping_omega;      /* in (0, 1), default 0.77378 = (19/20)^5: the
+                                  factor the damping is multiplied by when
+                                  rho > 3/4 and divided by when rho < 1/4 */
+    double min_damping, max_damping; /* bounds of the adapted damping (the
+                                  initial `damping` may lie outside: the first
+                                  adaptation brings it in), 0 < min <= max;
+                                  defaults 1e-8, 1e4 */
+    kfac_curvature_kind curvature; /* which curvature the quadratic model of
+                                  step_size=auto uses; default exact (the
+                                  caller falls back to kfac where it has no
+                                  exact products to offer) */
 } kfac_config;
 
 void kfac_config_default(kfac_config *cfg);
@@ -516,6 +547,30 @@ kfac_status kfac_opt_create(const kfac_config *cfg, double net_momentum, int max
                             kfac_opt **out, char *err, size_t errlen);
 void kfac_opt_free(kfac_opt *o);
 
+/* Exact curvature for step_size=auto (kfac_config.curvature = exact): the
+ * quadratic model then uses the whole network's Gauss-Newton matrix (for
+ * softmax cross-entropy, the Fisher) instead of the Kronecker blocks'
+ * approximation, through one forward pass per direction (a finite
+ * difference of the outputs: J v). The caller provides:
+ *  - outputs(ctx, run, out): the network's outputs on the step's
+ *    mini-batch (the loss's inputs, n_out floats: logits) into out; run == 0:
+ *    those of the forward pass already done at the current weights (no
+ *    work); run == 1: a new forward pass at the weights as they are now,
+ *    which must leave every buffer the next step reads as it was;
+ *  - metric(ctx, a, b): the mean over examples of a_i' H_i b_i, H_i the
+ *    Hessian of example i's loss in its outputs, at the pass already done.
+ * The context perturbs and restores (bit for bit) the layers' weights around
+ * each run == 1 call. */
+typedef struct {
+    kfac_status (*outputs)(void *ctx, int run, float *out);
+    double (*metric)(void *ctx, const float *a, const float *b);
+    void *ctx;
+    size_t n_out;
+} kfac_curvature;
+/* Copies c (NULL: back to the blocks' products) and allocates 3 n_out
+ * floats; KFAC_ERR_INVALID_ARG without both functions or n_out. */
+kfac_status kfac_opt_set_curvature(kfac_opt *o, const kfac_curvature *c);
+
 /* Optional statistics hook (NULL: none). */
 void kfac_opt_set_stats_hook(kfac_opt *o, kfac_stats_hook fn, void *ctx);
 
@@ -562,6 +617,7 @@ typedef struct {
     int    nlayers;
     size_t bytes;            /* all slots */
     unsigned long long seed; /* the caller's key for sampled targets (state) */
+    double rho;              /* the last adaptation's rho, NaN before the first */
 } kfac_opt_info;
 kfac_status kfac_opt_info_get(const kfac_opt *o, kfac_opt_info *info);
 /* The seed is state the caller keys its sampled targets with: saved and
@@ -595,6 +651,14 @@ typedef struct {
      * update (KFAC_OK when not attempted); owned by the context */
     const kfac_status *cov_status, *inv_status;
     double t_fold, t_inv, t_precond; /* seconds in each phase */
+    /* the step actually taken, u = alpha Delta + momentum u_prev: with
+     * step_size=auto the quadratic model's choice (schedule scale and clip
+     * included), with policy eta*nu and mu */
+    double alpha, momentum;
+    double predicted;        /* auto: the model's loss change for u (< 0), else 0 */
+    int adapt_due;           /* call kfac_opt_adapt_damping with the loss before and
+                                after this step (auto, damping_adapt_every > 0,
+                                every that many applied steps) */
 } kfac_opt_report;
 
 /* One optimizer step over every slot, on gradients the caller has summed:
@@ -609,6 +673,18 @@ typedef struct {
  * KFAC_ERR_INVALID_ARG / NULL for bad arguments (nothing changed), else
  * KFAC_OK even when the step failed (see report). */
 kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *args, kfac_opt_report *rep);
+
+/* Levenberg-Marquardt damping after a step whose report said adapt_due:
+ * loss_before / loss_after are the caller's mean loss on that step's
+ * mini-batch at the weights before and after the step (nothing else moved
+ * in between). rho = (loss_after - loss_before + weight-decay change) /
+ * predicted; the damping is multiplied by damping_omega when rho > 3/4,
+ * divided by it when rho < 1/4 or rho is not finite (a non-finite loss
+ * included), and kept within [min_damping, max_damping]; the blocks use the
+ * new value from the next product on (factored inverses from their next
+ * update). *rho may be NULL. KFAC_ERR_STATE if no adaptation is due. */
+kfac_status kfac_opt_adapt_damping(kfac_opt *o, double loss_before, double loss_after,
+                                   double *rho);
 
 /* The context's resumable state (every block's kfac_block_state, momentum,
  * counters, damping, seed) as checkpoint entries named "kfac.<id>.<name>"

@@ -37,6 +37,12 @@ void kfac_config_default(kfac_config *cfg)
     cfg->precond_precision = KFAC_PRECISION_FLOAT;
     cfg->cov_subsample = 1;
     cfg->norm_constraint_lr = KFAC_CLIP_LR_CURRENT;
+    cfg->step_size = KFAC_STEP_AUTO;
+    cfg->damping_adapt_every = 5;
+    cfg->damping_omega = 0.77378093749999998; /* (19/20)^5, Martens & Grosse 2015 sec. 6.5 */
+    cfg->min_damping = 1e-8;
+    cfg->max_damping = 1e4;
+    cfg->curvature = KFAC_CURVATURE_EXACT;
 }
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -168,6 +174,14 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
     INT_KEY(max_failures, i >= 1, "an integer >= 1")
     INT_KEY(max_factor_dim, i >= 0, "an integer >= 0, 0 for no limit")
     INT_KEY(cov_subsample, i >= 1, "an integer >= 1")
+    INT_KEY(damping_adapt_every, i >= 0, "an integer >= 0, 0 keeps the damping fixed")
+    DOUBLE_KEY(damping_omega, d > 0.0 && d < 1.0, "a number in (0, 1)")
+    /* each bound is checked against the other as it stands, so a config
+     * set key by key always passes kfac_config_check */
+    DOUBLE_KEY(min_damping, d > 0.0 && d <= cfg->max_damping,
+               "a number > 0 and <= max_damping (set max_damping first to raise both)")
+    DOUBLE_KEY(max_damping, d > 0.0 && d >= cfg->min_damping,
+               "a number > 0 and >= min_damping")
 #undef DOUBLE_KEY
 #undef INT_KEY
 
@@ -219,6 +233,30 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
         }
         return KFAC_OK;
     }
+    if (strcmp(key, "step_size") == 0) {
+        if (strcmp(value, "auto") == 0)
+            cfg->step_size = KFAC_STEP_AUTO;
+        else if (strcmp(value, "policy") == 0)
+            cfg->step_size = KFAC_STEP_POLICY;
+        else {
+            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: auto, policy)",
+                    key, value);
+            return KFAC_ERR_PARSE;
+        }
+        return KFAC_OK;
+    }
+    if (strcmp(key, "curvature") == 0) {
+        if (strcmp(value, "exact") == 0)
+            cfg->curvature = KFAC_CURVATURE_EXACT;
+        else if (strcmp(value, "kfac") == 0)
+            cfg->curvature = KFAC_CURVATURE_KFAC;
+        else {
+            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: exact, kfac)", key,
+                    value);
+            return KFAC_ERR_PARSE;
+        }
+        return KFAC_OK;
+    }
     if (strcmp(key, "skip") == 0) {
         int tmp[KFAC_MAX_SKIP], n = 0;
         const char *why = parse_skip(value, tmp, &n);
@@ -240,7 +278,8 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
             "kfac: unknown key '%s' (allowed: damping, cov_ema_decay, cov_update_every, "
             "invert_every, norm_constraint, momentum, estimation_mode, damping_type, skip, "
             "max_factor_dim, max_failures, precond_precision, cov_subsample, "
-            "norm_constraint_lr)",
+            "norm_constraint_lr, step_size, damping_adapt_every, damping_omega, "
+            "min_damping, max_damping, curvature)",
             key);
     return KFAC_ERR_UNKNOWN_KEY;
 }
@@ -287,5 +326,16 @@ const char *kfac_config_check(const kfac_config *cfg)
     if (cfg->norm_constraint_lr != KFAC_CLIP_LR_CURRENT &&
         cfg->norm_constraint_lr != KFAC_CLIP_LR_BASE)
         return "norm_constraint_lr must be current or base";
+    if (cfg->step_size != KFAC_STEP_AUTO && cfg->step_size != KFAC_STEP_POLICY)
+        return "step_size must be auto or policy";
+    if (cfg->curvature != KFAC_CURVATURE_EXACT && cfg->curvature != KFAC_CURVATURE_KFAC)
+        return "curvature must be exact or kfac";
+    if (cfg->damping_adapt_every < 0)
+        return "damping_adapt_every must be >= 0";
+    if (!isfinite(cfg->damping_omega) || !(cfg->damping_omega > 0.0 && cfg->damping_omega < 1.0))
+        return "damping_omega must be in (0, 1)";
+    if (!isfinite(cfg->min_damping) || !isfinite(cfg->max_damping) || !(cfg->min_damping > 0.0) ||
+        cfg->min_damping > cfg->max_damping)
+        return "min_damping and max_damping must be finite, > 0, min_damping <= max_damping";
     return NULL;
 }

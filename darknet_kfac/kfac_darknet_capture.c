@@ -186,3 +186,90 @@ void kfac_backward_network_cpu(network *netp)
     st->t_stats_acc = before + (what_time_is_it_now() - t0);
 }
 
+
+/* ------------------------------------------------------------ extra forward passes */
+
+/* A forward pass at the weights as they are, in training mode like the pass
+ * it is compared with (batch statistics, not rolling ones), that puts back
+ * what a training-mode pass moves and the next step reads: batch-norm
+ * rolling statistics and *net->cost. Its outputs stay in the layers. */
+static float forward_restoring(network *net, kfac_net_state *st)
+{
+    int i;
+    float cost = *net->cost;
+    for (i = 0; i < st->neval; ++i)
+        memcpy(st->eval_snap[i].saved, st->eval_snap[i].live, st->eval_snap[i].n * sizeof(float));
+    forward_network(net);
+    float after = *net->cost;
+    for (i = 0; i < st->neval; ++i)
+        memcpy(st->eval_snap[i].live, st->eval_snap[i].saved, st->eval_snap[i].n * sizeof(float));
+    *net->cost = cost;
+    return after;
+}
+
+double kfac_dn_eval_loss(network *net, kfac_net_state *st)
+{
+    return forward_restoring(net, st) / net->batch;
+}
+
+typedef struct {
+    network *net;
+    kfac_net_state *st;
+} curv_ctx;
+
+static kfac_status curv_outputs(void *vctx, int run, float *out)
+{
+    curv_ctx *c = (curv_ctx *)vctx;
+    network *net = c->net;
+    layer *sm = &net->layers[c->st->curv_softmax];
+    size_t n = (size_t)sm->inputs * sm->batch;
+    if (run) {
+        forward_restoring(net, c->st);
+    } else {
+        /* the metric is taken at these probabilities, before any run */
+        memcpy(c->st->p0, sm->output, n * sizeof(float));
+    }
+    const float *z = c->st->curv_softmax == 0 ? net->input : net->layers[c->st->curv_softmax - 1].output;
+    memcpy(out, z, n * sizeof(float));
+    return KFAC_OK;
+}
+
+/* Softmax cross-entropy in the logits z (p = softmax(z / temperature) per
+ * group): H = (diag p - p p') / temperature^2, so a' H b per group is
+ * sum a b p - (sum a p)(sum b p), over temperature^2; mean over examples. */
+static double curv_metric(void *vctx, const float *a, const float *b)
+{
+    curv_ctx *c = (curv_ctx *)vctx;
+    layer *sm = &c->net->layers[c->st->curv_softmax];
+    const int groups = sm->groups > 0 ? sm->groups : 1, gs = sm->inputs / groups;
+    const float *p = c->st->p0;
+    double sum = 0.0;
+    for (size_t g = 0; g < (size_t)sm->batch * groups; ++g) {
+        const size_t o = g * gs;
+        double abp = 0, ap = 0, bp = 0;
+        for (int k = 0; k < gs; ++k) {
+            abp += (double)a[o + k] * b[o + k] * p[o + k];
+            ap += (double)a[o + k] * p[o + k];
+            bp += (double)b[o + k] * p[o + k];
+        }
+        sum += abp - ap * bp;
+    }
+    double t = sm->temperature > 0 ? sm->temperature : 1.0;
+    return sum / (t * t) / sm->batch;
+}
+
+int kfac_dn_setup_curvature(network *net, kfac_net_state *st, int sm)
+{
+    layer *l = &net->layers[sm];
+    size_t n = (size_t)l->inputs * l->batch;
+    curv_ctx *c = (curv_ctx *)calloc(1, sizeof *c);
+    st->p0 = (float *)calloc(n, sizeof(float));
+    if (!c || !st->p0) { free(c); return -1; }
+    c->net = net;
+    c->st = st;
+    st->curv_ctx = c;
+    st->curv_softmax = sm;
+    st->snap_bytes += n * sizeof(float);
+    kfac_curvature k = { curv_outputs, curv_metric, c, n };
+    return kfac_opt_set_curvature(st->opt, &k) == KFAC_OK ? 0 : -1;
+}

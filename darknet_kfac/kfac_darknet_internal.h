@@ -46,6 +46,10 @@ typedef struct kfac_net_state {
     kfac_layer_state *layers;
     int nsnap;
     kfac_snapshot *snap;
+    /* what the damping adaptation's extra forward pass changes and puts back
+     * (batch-norm rolling statistics) */
+    int neval;
+    kfac_snapshot *eval_snap;
     size_t snap_bytes;
 
     int in_sampled_pass;    /* captures G only, accumulators are restored */
@@ -54,6 +58,12 @@ typedef struct kfac_net_state {
     kfac_opt_report last;
     long last_step;
     double t_stats, t_precond; /* captures + fold; preconditioning + batch norm */
+    double t_adapt;         /* the adaptation's forward pass (0 when none ran) */
+    /* exact curvature (kfac_curvature): the softmax the outputs feed, and its
+     * probabilities at the pass the step's gradient came from */
+    int curv_softmax;       /* layer index, -1: the blocks' products */
+    float *p0;
+    void *curv_ctx;         /* what the callbacks get */
     int pending_print;
 } kfac_net_state;
 
@@ -77,5 +87,15 @@ void kfac_dn_walk_params(layer *l, kfac_dn_array_fn fn, void *ctx);
 void kfac_dn_walk_accums(layer *l, kfac_dn_array_fn fn, void *ctx);
 /* floats in l.weights and l.biases (0 for layers without them) */
 void kfac_dn_param_sizes(const layer *l, size_t *nw, size_t *nb);
+
+/* The damping adaptation's extra forward pass (kfac_darknet_capture.c): the
+ * mean loss of the current mini-batch at the current weights, in training
+ * mode like the pass it is compared with; every buffer the next step reads
+ * (rolling statistics, *net->cost) is left as it was. */
+double kfac_dn_eval_loss(network *net, kfac_net_state *st);
+/* Offers the context the network's exact curvature (kfac_curvature) through
+ * the softmax at layer sm: its inputs are the outputs, the cross-entropy's
+ * Hessian the metric. Allocates; 0 or -1 out of memory. */
+int kfac_dn_setup_curvature(network *net, kfac_net_state *st, int sm);
 
 #endif /* KFAC_DARKNET_INTERNAL_H */

@@ -159,52 +159,67 @@ static const char *sgd_reason(const network *net, const kfac_config *c, int i,
 
 /* Decides the effective estimation mode; returns a reason when the sampled
  * pass is not possible (NULL when it is) and sets st->softmax_index. */
-static const char *sampled_unsupported(network *net, kfac_net_state *st)
+/* The output softmax (a cost layer may follow), or -1 with the reason. */
+static int find_softmax(network *net, const char **why)
 {
     int out = net->n - 1;
     while (out >= 0 && net->layers[out].type == COST) --out;
-    st->softmax_index = -1;
+    *why = NULL;
     if (out < 0 || net->layers[out].type != SOFTMAX)
-        return "the network has no softmax output (yolo/region/detection/cost loss)";
-    if (net->layers[out].softmax_tree)
-        return "a hierarchical (tree) softmax output has no per-example categorical to sample";
-    for (int i = 0; i < out; ++i) {
+        *why = "the network has no softmax output (yolo/region/detection/cost loss)";
+    else if (net->layers[out].softmax_tree)
+        *why = "a hierarchical (tree) softmax output has no per-example categorical";
+    for (int i = 0; i < out && !*why; ++i) {
         LAYER_TYPE t = net->layers[i].type;
         if (t == RNN || t == GRU || t == LSTM || t == CRNN)
-            return "recurrent layers cannot run a second backward pass";
+            *why = "recurrent layers cannot run a second pass";
     }
-    st->softmax_index = out;
-    return NULL;
+    return *why ? -1 : out;
+}
+
+static const char *sampled_unsupported(network *net, kfac_net_state *st)
+{
+    const char *why;
+    st->softmax_index = find_softmax(net, &why);
+    return why;
 }
 
 typedef struct {
     kfac_net_state *st;
+    kfac_snapshot *list;
+    int *n;
     int cap, oom;
+    const char *suffix;     /* arrays whose name ends so */
 } snap_ctx;
 
-/* The backward pass adds into the *_updates accumulators only. */
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
 static void add_snap(void *vctx, const char *name, float *live, size_t n)
 {
     snap_ctx *c = (snap_ctx *)vctx;
-    size_t len = strlen(name);
-    if (c->oom || len < 8 || strcmp(name + len - 8, "_updates") != 0) return;
-    kfac_net_state *st = c->st;
-    if (st->nsnap >= c->cap) { c->oom = 1; return; }
-    kfac_snapshot *s = &st->snap[st->nsnap];
+    if (c->oom || !ends_with(name, c->suffix)) return;
+    if (*c->n >= c->cap) { c->oom = 1; return; }
+    kfac_snapshot *s = &c->list[*c->n];
     s->saved = (float *)malloc(n * sizeof(float));
     if (!s->saved) { c->oom = 1; return; }
     s->live = live;
     s->n = n;
-    st->snap_bytes += n * sizeof(float);
-    st->nsnap++;
+    c->st->snap_bytes += n * sizeof(float);
+    ++*c->n;
 }
 
 /* 0, -1 out of memory, 1 a layer with accumulators the walk does not know
  * (not fatal: the empirical Fisher needs no snapshots) */
 static int setup_snapshots(network *net, kfac_net_state *st, char *err, size_t errlen)
 {
-    snap_ctx c = { st, 3 * (st->softmax_index + 1), 0 };
-    st->snap = (kfac_snapshot *)calloc((size_t)c.cap, sizeof(kfac_snapshot));
+    /* the backward pass adds into the *_updates accumulators only */
+    int cap = 3 * (st->softmax_index + 1);
+    st->snap = (kfac_snapshot *)calloc((size_t)cap, sizeof(kfac_snapshot));
+    snap_ctx c = { st, st->snap, &st->nsnap, cap, 0, "_updates" };
     if (!st->snap) { kfac_dn_seterr(err, errlen, "out of memory"); return -1; }
     for (int i = 0; i <= st->softmax_index; ++i) {
         layer *l = &net->layers[i];
@@ -223,10 +238,31 @@ static int setup_snapshots(network *net, kfac_net_state *st, char *err, size_t e
 
 /* ------------------------------------------------------------ state */
 
+/* A training-mode forward pass moves the rolling mean and variance of every
+ * batch-normalised layer; the adaptation's extra pass puts them back. */
+static int setup_eval_snapshots(network *net, kfac_net_state *st)
+{
+    int cap = 0;
+    for (int i = 0; i < net->n; ++i) cap += 2 * (1 + 8); /* a layer and its sub-layers */
+    st->eval_snap = (kfac_snapshot *)calloc((size_t)cap, sizeof(kfac_snapshot));
+    if (!st->eval_snap) return -1;
+    const char *sfx[2] = { "rolling_mean", "rolling_variance" };
+    for (int k = 0; k < 2; ++k) {
+        snap_ctx c = { st, st->eval_snap, &st->neval, cap, 0, sfx[k] };
+        for (int i = 0; i < net->n && !c.oom; ++i) kfac_dn_walk_params(&net->layers[i], add_snap, &c);
+        if (c.oom) return -1;
+    }
+    return 0;
+}
+
 static void free_state(kfac_net_state *st)
 {
     if (!st) return;
     kfac_opt_free(st->opt);
+    free(st->p0);
+    free(st->curv_ctx);
+    for (int i = 0; i < st->neval; ++i) free(st->eval_snap[i].saved);
+    free(st->eval_snap);
     for (int i = 0; i < st->nsnap; ++i) free(st->snap[i].saved);
     free(st->snap);
     free(st->layers);
@@ -313,7 +349,8 @@ static int add_layer(network *net, kfac_net_state *st, int i, char *err, size_t 
     return 0;
 }
 
-static void print_table(network *net, kfac_net_state *st, const char *fallback, int lowest_trained)
+static void print_table(network *net, kfac_net_state *st, const char *fallback, int lowest_trained,
+                        const char *curv_why)
 {
     const kfac_config *c = kfac_opt_config(st->opt);
     kfac_opt_info oi;
@@ -326,6 +363,25 @@ static void print_table(network *net, kfac_net_state *st, const char *fallback, 
             c->cov_ema_decay, c->cov_update_every, c->cov_subsample, c->invert_every,
             c->norm_constraint, c->norm_constraint_lr == KFAC_CLIP_LR_BASE ? "base" : "current",
             oi.momentum, c->precond_precision == KFAC_PRECISION_DOUBLE ? "double" : "float");
+    if (c->step_size == KFAC_STEP_AUTO)
+        fprintf(stderr, "K-FAC: adaptive: learning rate and momentum from the quadratic model "
+                "each step with %s (scaled by the [net] policy's rate / its base rate%s)%s\n",
+                st->curv_softmax >= 0 ? "the network's exact Gauss-Newton curvature (one "
+                "forward pass per direction)" : "the blocks' Kronecker curvature",
+                c->norm_constraint > 0 ? ", norm_constraint bounds u'Cu" : "",
+                c->damping_adapt_every > 0 ? "" : "; damping fixed (damping_adapt_every=0)");
+    else
+        fprintf(stderr, "K-FAC: step_size=policy: the [net] learning rate and momentum %g, "
+                "norm constraint; damping fixed\n", oi.momentum);
+    if (c->step_size == KFAC_STEP_AUTO && c->curvature == KFAC_CURVATURE_EXACT &&
+        st->curv_softmax < 0)
+        fprintf(stderr, "K-FAC: curvature=exact is not possible here (%s): the quadratic model "
+                "uses the blocks' curvature\n", curv_why ? curv_why : "?");
+    if (c->step_size == KFAC_STEP_AUTO && c->damping_adapt_every > 0)
+        fprintf(stderr, "K-FAC: adaptive: damping by Levenberg-Marquardt every %d steps "
+                "(x%g when rho > 0.75, /%g when rho < 0.25, in [%g, %g]; one extra forward pass)\n",
+                c->damping_adapt_every, c->damping_omega, c->damping_omega, c->min_damping,
+                c->max_damping);
     if (fallback)
         fprintf(stderr, "K-FAC: estimation_mode=sampled is not possible here (%s): using the "
                 "empirical Fisher (data labels) instead\n", fallback);
@@ -462,6 +518,27 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
         if (fallback) st->sampled = 0;
     }
 
+    /* The extra forward passes: the damping adaptation's, and the exact
+     * curvature's, which needs a softmax output and passes that repeat
+     * (no dropout, whose masks change from pass to pass). */
+    const char *curv_why = NULL;
+    st->curv_softmax = -1;
+    if (cfg.step_size == KFAC_STEP_AUTO && cfg.curvature == KFAC_CURVATURE_EXACT) {
+        int sm = find_softmax(net, &curv_why);
+        for (int i = 0; sm >= 0 && i < net->n && !curv_why; ++i)
+            if (net->layers[i].type == DROPOUT)
+                curv_why = "dropout layers make every forward pass different";
+        if (!curv_why && (setup_eval_snapshots(net, st) || kfac_dn_setup_curvature(net, st, sm))) {
+            kfac_dn_seterr(err, errlen, "%s: out of memory", cfgfile);
+            goto fail;
+        }
+    }
+    if (cfg.step_size == KFAC_STEP_AUTO && cfg.damping_adapt_every > 0 && !st->eval_snap &&
+        setup_eval_snapshots(net, st)) {
+        kfac_dn_seterr(err, errlen, "%s: out of memory", cfgfile);
+        goto fail;
+    }
+
     /* Drawn from Darknet's rand() so that runs differ as they did when the
      * sampled pass called rand_uniform; a resume takes it from the sidecar. */
     kfac_opt_set_seed(st->opt, ((unsigned long long)(unsigned)rand() << 32) ^ (unsigned)rand());
@@ -469,7 +546,7 @@ int kfac_setup_network_err(network *net, list *options, const char *cfgfile,
     /* Only now is the state complete enough for the hooks to see it. */
     for (int k = 0; k < st->nlayers; ++k) net->layers[st->layers[k].index].kfac = &st->layers[k];
     net->kfac = st;
-    print_table(net, st, fallback, lowest_trained);
+    print_table(net, st, fallback, lowest_trained, curv_why);
     free(sl.keys);
     return 0;
 

@@ -87,7 +87,18 @@ void kfac_update_network_cpu(network *net, update_args a)
                     sa.step, sa.learning_rate, sa.batch, kfac_status_str(s));
     report_trouble(st, r, sa.step);
 
+    /* Levenberg-Marquardt: the loss of this mini-batch after the K-FAC step,
+     * before Darknet moves anything else, against the loss the forward pass
+     * of this datum found before it (the last datum's, with subdivisions) */
     double t0 = what_time_is_it_now();
+    st->t_adapt = 0;
+    if (r->adapt_due) {
+        double before = *net->cost / net->batch;
+        double after = kfac_dn_eval_loss(net, st);
+        kfac_opt_adapt_damping(st->opt, before, after, NULL);
+        st->t_adapt = what_time_is_it_now() - t0;
+        t0 += st->t_adapt;
+    }
     if (!r->skipped_step) update_batchnorm(net, st, a);
     st->t_stats = st->t_stats_acc + r->t_fold;
     st->t_stats_acc = 0;
@@ -116,10 +127,19 @@ void kfac_print_progress(network *net)
     kfac_opt_info oi;
     kfac_opt_info_get(st->opt, &oi);
     const kfac_opt_report *r = &st->last;
-    printf("kfac %ld: damping %g, nu %.4g, skipped %d, failed steps %d in a row/%ld total",
-           st->last_step, oi.damping, r->step.nu, r->skipped_step ? st->nlayers : r->step.skipped,
-           oi.consecutive_failures, oi.total_failures);
+    if (kfac_opt_config(st->opt)->step_size == KFAC_STEP_AUTO)
+        printf("kfac %ld: damping %g, rho %.3g, lr %.4g, momentum %.3g, nu %.4g, skipped %d, "
+               "failed steps %d in a row/%ld total", st->last_step, oi.damping, oi.rho, r->alpha,
+               r->momentum, r->step.nu, r->skipped_step ? st->nlayers : r->step.skipped,
+               oi.consecutive_failures, oi.total_failures);
+    else
+        printf("kfac %ld: damping %g, nu %.4g, skipped %d, failed steps %d in a row/%ld total",
+               st->last_step, oi.damping, r->step.nu,
+               r->skipped_step ? st->nlayers : r->step.skipped, oi.consecutive_failures,
+               oi.total_failures);
     if (retries) printf(", inverse retries %d", retries);
-    printf("; seconds: stats %.3g, inverses %.3g, precond %.3g\n",
-           st->t_stats, r->t_inv, st->t_precond);
+    printf("; seconds: stats %.3g, inverses %.3g, precond %.3g", st->t_stats, r->t_inv,
+           st->t_precond);
+    if (st->t_adapt > 0) printf(", adapt %.3g", st->t_adapt);
+    printf("\n");
 }

@@ -150,6 +150,30 @@ void kfac_store_group_f(const kfac_block *b, int j, const float *V, float *w, fl
 
 static inline size_t kfac_sq(int n) { return (size_t)n * (size_t)n; }
 
+/* ---- the automatic step (kfac_step.c) */
+
+typedef struct {
+    double scale;           /* the caller's schedule, eta/eta_0 (>= 0) */
+    double decay;           /* weight decay, weights only */
+    int batch;
+    double norm_constraint; /* bound on u' C u, 0 disables */
+    const kfac_curvature *exact; /* NULL: the blocks' own products */
+    double damping;         /* with exact: C = GN + (damping + decay) I */
+    float *z0, *z1, *z2;    /* with exact: n_out floats each */
+} kfac_auto_args;
+
+typedef struct {
+    double alpha, momentum; /* u = alpha Delta + momentum u_prev, scale and clip in */
+    double predicted;       /* the model's change of the loss for u (< 0: a decrease) */
+    double decay_change;    /* wd/2 (|W - u|^2 - |W|^2) over the weights */
+    kfac_step_report step;  /* nu: the clip; gdotdelta: g'Delta; applied/skipped */
+} kfac_auto_report;
+
+/* kfac_step with the learning rate and momentum of the quadratic model
+ * (kfac_config.step_size = auto); the velocity buffers hold the last step u. */
+kfac_status kfac_step_auto(kfac_layer_ref *layers, int n, const kfac_auto_args *a,
+                           kfac_auto_report *r);
+
 /* ---- statistics (kfac_stats.c) */
 
 /* Darknet's im2col_cpu layout with dilation: col is k x T for one group's

@@ -40,13 +40,20 @@ struct kfac_opt {
     kfac_status *cov_st, *inv_st;
     kfac_stats_hook hook;
     void *hook_ctx;
+    int has_curv;              /* exact curvature offered by the caller */
+    kfac_curvature curv;
+    float *z;                  /* 3 * curv.n_out */
 
     long steps_run;
     int consecutive_failures;
     long total_failures;
     int ready;
     unsigned long long seed;
-    int64_t ck[4];             /* serialisation scratch */
+    double rho;                /* last adaptation, NaN before the first */
+    long applied_steps;        /* steps that moved weights (adaptation schedule) */
+    int adapt_pending;         /* a step awaits kfac_opt_adapt_damping */
+    double pending_predicted, pending_decay;
+    int64_t ck[5];             /* serialisation scratch */
 };
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
@@ -99,6 +106,7 @@ kfac_status kfac_opt_create(const kfac_config *cfg, double net_momentum, int max
     o->cfg = *cfg;
     o->momentum = mu;
     o->damping = cfg->damping;
+    o->rho = NAN;
     o->cap = max_layers;
     size_t cap = max_layers ? (size_t)max_layers : 1;
     o->L = KFAC_CALLOC(cap, sizeof *o->L);
@@ -136,7 +144,25 @@ void kfac_opt_free(kfac_opt *o)
     KFAC_FREE(o->refs);
     KFAC_FREE(o->cov_st);
     KFAC_FREE(o->inv_st);
+    KFAC_FREE(o->z);
     KFAC_FREE(o);
+}
+
+kfac_status kfac_opt_set_curvature(kfac_opt *o, const kfac_curvature *c)
+{
+    if (!o)
+        return KFAC_ERR_NULL;
+    if (c && (!c->outputs || !c->metric || c->n_out == 0 || c->n_out > SIZE_MAX / 12))
+        return KFAC_ERR_INVALID_ARG;
+    float *z = NULL;
+    if (c && !(z = KFAC_CALLOC(3 * c->n_out, sizeof(float))))
+        return KFAC_ERR_NOMEM;
+    KFAC_FREE(o->z);
+    o->z = z;
+    o->has_curv = c != NULL;
+    if (c)
+        o->curv = *c;
+    return KFAC_OK;
 }
 
 void kfac_opt_set_stats_hook(kfac_opt *o, kfac_stats_hook fn, void *ctx)
@@ -274,6 +300,7 @@ kfac_status kfac_opt_info_get(const kfac_opt *o, kfac_opt_info *info)
     for (int k = 0; k < o->n; k++)
         info->bytes += o->L[k].bytes;
     info->seed = o->seed;
+    info->rho = o->rho;
     return KFAC_OK;
 }
 
@@ -413,6 +440,36 @@ kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *a, kfac_opt_rep
             for (int i = 0; i < L->naux; i++)
                 zero(L->aux[i], L->aux_n);
         }
+    } else if (o->cfg.step_size == KFAC_STEP_AUTO) {
+        kfac_auto_args aa;
+        kfac_auto_report ar;
+        aa.scale = a->base_learning_rate > 0 ? a->learning_rate / a->base_learning_rate : 1.0;
+        aa.decay = a->decay;
+        aa.batch = a->batch;
+        aa.norm_constraint = o->cfg.norm_constraint;
+        aa.exact = o->has_curv && o->cfg.curvature == KFAC_CURVATURE_EXACT ? &o->curv : NULL;
+        aa.damping = o->damping;
+        aa.z0 = o->z;
+        aa.z1 = o->z ? o->z + o->curv.n_out : NULL;
+        aa.z2 = o->z ? o->z + 2 * o->curv.n_out : NULL;
+        if ((st = kfac_step_auto(o->refs, o->n, &aa, &ar)) != KFAC_OK)
+            return st;
+        r->step = ar.step;
+        r->alpha = ar.alpha;
+        r->momentum = ar.momentum;
+        r->predicted = ar.predicted;
+        if (r->step.first_skipped >= 0) {
+            o->L[r->step.first_skipped].failures++;
+            note_bad(r, &o->L[r->step.first_skipped]);
+        }
+        if (r->step.applied > 0) {
+            int every = o->cfg.damping_adapt_every;
+            r->adapt_due = every > 0 && o->applied_steps % every == 0;
+            o->applied_steps++;
+            o->adapt_pending = r->adapt_due;
+            o->pending_predicted = ar.predicted;
+            o->pending_decay = ar.decay_change;
+        }
     } else {
         kfac_step_args sa;
         sa.learning_rate = a->learning_rate;
@@ -430,6 +487,8 @@ kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *a, kfac_opt_rep
         }
         if ((st = kfac_step(o->refs, o->n, &sa, &r->step)) != KFAC_OK)
             return st; /* only for arguments checked above: nothing moved */
+        r->alpha = sa.learning_rate * r->step.nu;
+        r->momentum = sa.momentum;
         if (r->step.first_skipped >= 0) {
             o->L[r->step.first_skipped].failures++;
             note_bad(r, &o->L[r->step.first_skipped]);
@@ -450,9 +509,39 @@ kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *a, kfac_opt_rep
     return KFAC_OK;
 }
 
+kfac_status kfac_opt_adapt_damping(kfac_opt *o, double loss_before, double loss_after,
+                                   double *rho)
+{
+    if (!o)
+        return KFAC_ERR_NULL;
+    if (!o->adapt_pending)
+        return KFAC_ERR_STATE;
+    o->adapt_pending = 0;
+    double q = (loss_after - loss_before + o->pending_decay) / o->pending_predicted;
+    const double w = o->cfg.damping_omega;
+    double lam = o->damping;
+    if (!isfinite(q) || q < 0.25)
+        lam /= w;
+    else if (q > 0.75)
+        lam *= w;
+    if (lam < o->cfg.min_damping)
+        lam = o->cfg.min_damping;
+    if (lam > o->cfg.max_damping)
+        lam = o->cfg.max_damping;
+    o->rho = q;
+    if (rho)
+        *rho = q;
+    if (lam != o->damping) {
+        o->damping = lam;
+        for (int k = 0; k < o->n; k++)
+            kfac_block_instantiate_factors(o->L[k].block, lam);
+    }
+    return KFAC_OK;
+}
+
 /* ------------------------------------------------------------------ state */
 
-enum { C_STEPS, C_CONSEC, C_TOTAL, C_SEED, C_N };
+enum { C_STEPS, C_CONSEC, C_TOTAL, C_SEED, C_APPLIED, C_N };
 
 static int put(kfac_ckpt_entry *e, char (*names)[KFAC_STATE_NAME], int n, int i,
                const char *name, kfac_ckpt_type t, size_t count, void *data)
@@ -477,8 +566,10 @@ int kfac_opt_state(kfac_opt *o, kfac_ckpt_entry *e, char (*names)[KFAC_STATE_NAM
     o->ck[C_CONSEC] = o->consecutive_failures;
     o->ck[C_TOTAL] = o->total_failures;
     memcpy(&o->ck[C_SEED], &o->seed, sizeof(int64_t));
+    o->ck[C_APPLIED] = o->applied_steps;
     i = put(e, names, n, i, "opt.counters", KFAC_CKPT_I64, C_N, o->ck);
     i = put(e, names, n, i, "opt.damping", KFAC_CKPT_F64, 1, &o->damping);
+    i = put(e, names, n, i, "opt.rho", KFAC_CKPT_F64, 1, &o->rho);
     for (int k = 0; k < o->n; k++) {
         opt_layer *L = &o->L[k];
         L->ck[0] = L->failures;
@@ -508,9 +599,13 @@ kfac_status kfac_opt_state_loaded(kfac_opt *o)
         return KFAC_ERR_NULL;
     if (o->ck[C_STEPS] < 0 || o->ck[C_CONSEC] < 0 || o->ck[C_CONSEC] > o->ck[C_STEPS] ||
         o->ck[C_TOTAL] < o->ck[C_CONSEC] || o->ck[C_CONSEC] > 1 << 30 ||
+        o->ck[C_APPLIED] < 0 || o->ck[C_APPLIED] > o->ck[C_STEPS] ||
         !isfinite(o->damping) || o->damping < 0.0 ||
         (o->cfg.damping_type == KFAC_DAMPING_FACTORED && o->damping == 0.0))
         return KFAC_ERR_FORMAT;
+    /* the bounds may have changed with the cfg since the save */
+    if (o->damping < o->cfg.min_damping) o->damping = o->cfg.min_damping;
+    if (o->damping > o->cfg.max_damping) o->damping = o->cfg.max_damping;
     for (int k = 0; k < o->n; k++) {
         opt_layer *L = &o->L[k];
         if (L->ck[0] < 0 || L->ck[0] > 1 << 30)
@@ -526,6 +621,8 @@ kfac_status kfac_opt_state_loaded(kfac_opt *o)
     o->consecutive_failures = (int)o->ck[C_CONSEC];
     o->total_failures = (long)o->ck[C_TOTAL];
     memcpy(&o->seed, &o->ck[C_SEED], sizeof o->seed);
+    o->applied_steps = (long)o->ck[C_APPLIED];
+    o->adapt_pending = 0; /* a save happens after a step's adaptation */
     o->ready = 1;
     for (int k = 0; k < o->n; k++)
         if (!kfac_block_has_inverse(o->L[k].block))

@@ -473,7 +473,7 @@ static const char *cfg_step =
     "[connected]\noutput=3\nactivation=linear\n\n"
     "[softmax]\n\n"
     "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0.0001\n"
-    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\n";
+    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nstep_size=policy\n";
 
 /* Dense reference state of one layer (one group, with bias): running
  * factors, this step's g, Delta and the velocity, all in double and in the
@@ -598,7 +598,7 @@ static const char *cfg_step_base =
     "[connected]\noutput=3\nactivation=linear\n\n"
     "[softmax]\n\n"
     "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0.0001\n"
-    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nnorm_constraint_lr=base\n";
+    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nnorm_constraint_lr=base\nstep_size=policy\n";
 
 static void steps_match_dense(const char *cfg, int clip_base)
 {
@@ -646,6 +646,171 @@ static void test_kfac_steps_match_dense(void **state)
     (void)state;
     steps_match_dense(cfg_step, 0);
     steps_match_dense(cfg_step_base, 1);
+}
+
+/* step_size=auto with the network's exact curvature: the step the context
+ * takes is u = a Delta + b u0 with (a, b) solving the 2x2 model built from
+ * a dense Gauss-Newton matrix J' H J / B (J by central differences of the
+ * softmax inputs, one parameter at a time; H = diag p - p p' per example)
+ * plus (damping + decay) I, and Delta the dense damped Kronecker solve.
+ * Tolerance: the library's J v is a forward difference with a 1e-3 relative
+ * perturbation (first-order error ~1e-3 of J v), the reference's a central
+ * difference with h = 4e-3 (~1e-5), both through float forward passes. */
+#define TOL_GLUE_AUTO_REL 2e-2
+static const char *cfg_auto =
+    "[net]\nbatch=4\nsubdivisions=1\nheight=4\nwidth=4\nchannels=2\n"
+    "momentum=0.9\ndecay=0.0005\nlearning_rate=0.1\npolicy=constant\n\n"
+    "[convolutional]\nfilters=3\nsize=3\nstride=1\npad=1\nactivation=tanh\n\n"
+    "[connected]\noutput=3\nactivation=linear\n\n"
+    "[softmax]\n\n"
+    "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0\n"
+    "invert_every=1\ncov_ema_decay=0.5\ndamping_adapt_every=0\n";
+
+static float *param_at(ref_layer *r, int p)
+{
+    int q = p / r->kb, s = p % r->kb;
+    return s < r->k ? &r->l->weights[q * r->k + s] : &r->l->biases[q];
+}
+
+/* J (n_out x P, P the parameters of both layers in [W | b] order) of the
+ * softmax inputs; leaves the network's outputs those of the weights as
+ * they are. */
+static double *dense_jacobian(network *net, ref_layer *r, int nl, int *P_out, size_t *n_out)
+{
+    layer *sm = &net->layers[net->n - 1];
+    const float *z = net->layers[net->n - 2].output;
+    size_t no = (size_t)sm->inputs * sm->batch;
+    int P = 0;
+    for (int i = 0; i < nl; ++i) P += r[i].n;
+    double *J = calloc(no * P, sizeof(double));
+    float *zp = malloc(no * sizeof(float));
+    const float h = 4e-3f;
+    int col = 0;
+    for (int i = 0; i < nl; ++i)
+        for (int p = 0; p < r[i].n; ++p, ++col) {
+            float *w = param_at(&r[i], p), w0 = *w;
+            *w = w0 + h;
+            forward_network(net);
+            memcpy(zp, z, no * sizeof(float));
+            *w = w0 - h;
+            forward_network(net);
+            for (size_t o = 0; o < no; ++o) J[o * P + col] = ((double)zp[o] - z[o]) / (2.0 * h);
+            *w = w0;
+        }
+    forward_network(net);
+    free(zp);
+    *P_out = P;
+    *n_out = no;
+    return J;
+}
+
+/* a' H b for output-space vectors of the whole batch, mean over examples */
+static double gn_metric(const layer *sm, const double *a, const double *b)
+{
+    double sum = 0;
+    for (int i = 0; i < sm->batch; ++i) {
+        const float *p = sm->output + (size_t)i * sm->inputs;
+        const double *ai = a + (size_t)i * sm->inputs, *bi = b + (size_t)i * sm->inputs;
+        double abp = 0, ap = 0, bp = 0;
+        for (int c = 0; c < sm->inputs; ++c) {
+            abp += ai[c] * bi[c] * p[c];
+            ap += ai[c] * p[c];
+            bp += bi[c] * p[c];
+        }
+        sum += abp - ap * bp;
+    }
+    return sum / sm->batch;
+}
+
+static void test_auto_step_matches_dense(void **state)
+{
+    (void)state;
+    network *net = build(cfg_auto);
+    kfac_net_state *st = dn_state(net);
+    assert_true(st->curv_softmax == 2);
+    ref_layer r[2];
+    ref_init(&r[0], &net->layers[0]);
+    ref_init(&r[1], &net->layers[1]);
+    layer *sm = &net->layers[2];
+    for (int step = 0; step < 2; ++step) {
+        fill_batch(net, 7 + 10 * step);
+        ref_save_weights(&r[0]);
+        ref_save_weights(&r[1]);
+        *net->seen = (size_t)(step + 1) * net->batch;
+        net->train = 1;
+        forward_network(net);
+        backward_network(net);
+        ref_step(net, 0, &r[0], step == 0);
+        ref_step(net, 1, &r[1], step == 0);
+        int P;
+        size_t no;
+        double *J = dense_jacobian(net, r, 2, &P, &no);
+        /* the directions: Delta and the previous step u0, stacked */
+        double *D = calloc(P, sizeof(double)), *U = calloc(P, sizeof(double));
+        double *JD = calloc(no, sizeof(double)), *JU = calloc(no, sizeof(double));
+        double r1 = 0, r2 = 0, d2 = 0, u2 = 0, du = 0, dw2 = 0, uw2 = 0, duw = 0;
+        int c = 0;
+        for (int i = 0; i < 2; ++i)
+            for (int p = 0; p < r[i].n; ++p, ++c) {
+                D[c] = r[i].delta[p];
+                U[c] = r[i].v[p];
+                r1 += r[i].g[p] * D[c];
+                r2 += r[i].g[p] * U[c];
+                d2 += D[c] * D[c];
+                u2 += U[c] * U[c];
+                du += D[c] * U[c];
+                if (p % r[i].kb < r[i].k) {
+                    dw2 += D[c] * D[c];
+                    uw2 += U[c] * U[c];
+                    duw += D[c] * U[c];
+                }
+            }
+        for (size_t o = 0; o < no; ++o)
+            for (int q = 0; q < P; ++q) {
+                JD[o] += J[o * P + q] * D[q];
+                JU[o] += J[o * P + q] * U[q];
+            }
+        double m11 = gn_metric(sm, JD, JD) + STEP_DAMPING * d2 + STEP_DECAY * dw2;
+        double m12 = gn_metric(sm, JD, JU) + STEP_DAMPING * du + STEP_DECAY * duw;
+        double m22 = gn_metric(sm, JU, JU) + STEP_DAMPING * u2 + STEP_DECAY * uw2;
+        double a = r1 / m11, b = 0;
+        if (step > 0) {
+            double det = m11 * m22 - m12 * m12;
+            a = (r1 * m22 - r2 * m12) / det;
+            b = (m11 * r2 - m12 * r1) / det;
+        }
+        update_network(net);
+        assert_int_equal(dn_last_skipped(st), 0);
+        if (!(fabs(st->last.alpha - a) <= TOL_GLUE_AUTO_REL * fabs(a)) ||
+            (step > 0 && !(fabs(st->last.momentum - b) <= TOL_GLUE_AUTO_REL * fabs(b) + 1e-3))) {
+            print_error("step %d: alpha %.6g momentum %.6g, dense %.6g %.6g\n", step,
+                        st->last.alpha, st->last.momentum, a, b);
+            fail();
+        }
+        assert_true(step == 0 ? st->last.momentum == 0 : fabs(b) > 1e-3);
+        /* the weights moved by u = a Delta + b u0 (the reference's u0 is the
+         * step the network really took, so errors do not compound) */
+        c = 0;
+        double mx = 0;
+        for (int i = 0; i < 2; ++i)
+            for (int p = 0; p < r[i].n; ++p) mx = fmax(mx, fabs(a * r[i].delta[p] + b * r[i].v[p]));
+        for (int i = 0; i < 2; ++i)
+            for (int p = 0; p < r[i].n; ++p) {
+                int q = p / r[i].kb, s2 = p % r[i].kb;
+                float before = s2 < r[i].k ? r[i].W[q * r[i].k + s2] : r[i].b[q];
+                double u = (double)before - *param_at(&r[i], p);
+                double want = a * r[i].delta[p] + b * r[i].v[p];
+                if (!(fabs(u - want) <= TOL_GLUE_AUTO_REL * mx)) {
+                    print_error("layer %d param %d: step %.6g, dense %.6g\n", i, p, u, want);
+                    fail();
+                }
+                r[i].v[p] = u;
+            }
+        free(J); free(D); free(U); free(JD); free(JU);
+    }
+    ref_free(&r[0]);
+    ref_free(&r[1]);
+    free_network(net);
 }
 
 /* A BN conv keeps Darknet's SGD for its scales/shifts; sampled mode trains
@@ -827,6 +992,7 @@ int main(void)
         cmocka_unit_test(test_sampled_pass),
         cmocka_unit_test(test_cov_subsample),
         cmocka_unit_test(test_kfac_steps_match_dense),
+        cmocka_unit_test(test_auto_step_matches_dense),
         cmocka_unit_test(test_train_steps_finite),
         cmocka_unit_test(test_failures_counted_and_stop),
         cmocka_unit_test(test_cfg_errors),

@@ -36,14 +36,18 @@ static int config_equal(const kfac_config *a, const kfac_config *b)
     if (memcmp(&a->damping, &b->damping, sizeof(double)) ||
         memcmp(&a->cov_ema_decay, &b->cov_ema_decay, sizeof(double)) ||
         memcmp(&a->norm_constraint, &b->norm_constraint, sizeof(double)) ||
-        memcmp(&a->momentum, &b->momentum, sizeof(double)))
+        memcmp(&a->momentum, &b->momentum, sizeof(double)) ||
+        memcmp(&a->damping_omega, &b->damping_omega, sizeof(double)) ||
+        memcmp(&a->min_damping, &b->min_damping, sizeof(double)) ||
+        memcmp(&a->max_damping, &b->max_damping, sizeof(double)))
         return 0;
     if (a->cov_update_every != b->cov_update_every || a->invert_every != b->invert_every ||
         a->estimation_mode != b->estimation_mode || a->damping_type != b->damping_type ||
         a->nskip != b->nskip || a->max_failures != b->max_failures ||
         a->max_factor_dim != b->max_factor_dim ||
         a->precond_precision != b->precond_precision || a->cov_subsample != b->cov_subsample ||
-        a->norm_constraint_lr != b->norm_constraint_lr)
+        a->norm_constraint_lr != b->norm_constraint_lr || a->step_size != b->step_size ||
+        a->damping_adapt_every != b->damping_adapt_every || a->curvature != b->curvature)
         return 0;
     for (int i = 0; i < KFAC_MAX_SKIP; i++)
         if (a->skip[i] != b->skip[i])
@@ -90,6 +94,11 @@ static void test_config_default_and_check(void **state)
     assert_int_equal(c.precond_precision, KFAC_PRECISION_FLOAT);
     assert_int_equal(c.cov_subsample, 1);
     assert_int_equal(c.norm_constraint_lr, KFAC_CLIP_LR_CURRENT);
+    assert_int_equal(c.step_size, KFAC_STEP_AUTO);
+    assert_int_equal(c.damping_adapt_every, 5);
+    assert_true(fabs(c.damping_omega - pow(19.0 / 20.0, 5)) < 1e-15);
+    assert_true(c.min_damping == 1e-8 && c.max_damping == 1e4);
+    assert_int_equal(c.curvature, KFAC_CURVATURE_EXACT);
     assert_null(kfac_config_check(&c));
 
     /* each field out of range: a message naming that field */
@@ -97,7 +106,8 @@ static void test_config_default_and_check(void **state)
         "damping", "damping", "damping", "cov_ema_decay", "cov_ema_decay", "cov_update_every",
         "invert_every", "norm_constraint", "momentum", "estimation_mode", "damping_type",
         "skip", "skip", "max_failures", "max_factor_dim", "precond_precision", "cov_subsample",
-        "norm_constraint_lr",
+        "norm_constraint_lr", "step_size", "damping_adapt_every", "damping_omega",
+        "damping_omega", "min_damping", "min_damping", "curvature",
     };
     for (int i = 0; i < (int)(sizeof bad_field / sizeof *bad_field); i++) {
         kfac_config_default(&c);
@@ -120,6 +130,13 @@ static void test_config_default_and_check(void **state)
         case 15: c.precond_precision = (kfac_precision)2; break;
         case 16: c.cov_subsample = 0; break;
         case 17: c.norm_constraint_lr = (kfac_clip_lr)3; break;
+        case 18: c.step_size = (kfac_step_size)4; break;
+        case 19: c.damping_adapt_every = -1; break;
+        case 20: c.damping_omega = 1.0; break;
+        case 21: c.damping_omega = 0.0; break;
+        case 22: c.min_damping = 0.0; break;
+        case 23: c.min_damping = 2 * c.max_damping; break;
+        case 24: c.curvature = (kfac_curvature_kind)9; break;
         }
         const char *m = kfac_config_check(&c);
         if (!m)
@@ -219,6 +236,19 @@ static void test_config_set_strict(void **state)
         {"max_factor_dim", "512", KFAC_OK, 0},
         {"max_factor_dim", "-1", KFAC_ERR_INVALID_ARG, 0},
         {"max_factor_dim", "1e3", KFAC_ERR_PARSE, 0},
+        {"step_size", "policy", KFAC_OK, 0},
+        {"step_size", "automatic", KFAC_ERR_PARSE, 1},
+        {"curvature", "kfac", KFAC_OK, 0},
+        {"curvature", "gauss-newton", KFAC_ERR_PARSE, 1},
+        {"damping_adapt_every", "0", KFAC_OK, 0},
+        {"damping_adapt_every", "-5", KFAC_ERR_INVALID_ARG, 0},
+        {"damping_omega", "0.5", KFAC_OK, 0},
+        {"damping_omega", "1", KFAC_ERR_INVALID_ARG, 0},
+        {"damping_omega", "0", KFAC_ERR_INVALID_ARG, 0},
+        {"min_damping", "1e-4", KFAC_OK, 0},
+        {"min_damping", "1e5", KFAC_ERR_INVALID_ARG, 0}, /* above max_damping 1e4 */
+        {"max_damping", "1e-9", KFAC_ERR_INVALID_ARG, 0}, /* below min_damping 1e-8 */
+        {"max_damping", "10", KFAC_OK, 0},
         {"skip", "x", KFAC_ERR_PARSE, 1},
         {"skip", "1,x", KFAC_ERR_PARSE, 1},
         {"dampingx", "0.01", KFAC_ERR_UNKNOWN_KEY, 0},
@@ -274,6 +304,12 @@ static void test_config_set_strict(void **state)
         else if (!strcmp(k, "max_failures")) assert_int_equal(c.max_failures, (int)v);
         else if (!strcmp(k, "max_factor_dim")) assert_int_equal(c.max_factor_dim, (int)v);
         else if (!strcmp(k, "cov_subsample")) assert_int_equal(c.cov_subsample, (int)v);
+        else if (!strcmp(k, "damping_adapt_every")) assert_int_equal(c.damping_adapt_every, (int)v);
+        else if (!strcmp(k, "damping_omega")) assert_true(c.damping_omega == v);
+        else if (!strcmp(k, "min_damping")) assert_true(c.min_damping == v);
+        else if (!strcmp(k, "max_damping")) assert_true(c.max_damping == v);
+        else if (!strcmp(k, "step_size")) assert_int_equal(c.step_size, KFAC_STEP_POLICY);
+        else if (!strcmp(k, "curvature")) assert_int_equal(c.curvature, KFAC_CURVATURE_KFAC);
         else if (!strcmp(k, "norm_constraint_lr"))
             assert_int_equal(c.norm_constraint_lr, !strcmp(t->value, "base")
                                                        ? KFAC_CLIP_LR_BASE
@@ -355,11 +391,13 @@ static void test_config_set_null_and_truncation(void **state)
 static const char *const fuzz_keys[] = {
     "damping", "cov_ema_decay", "cov_update_every", "invert_every", "norm_constraint",
     "momentum", "estimation_mode", "damping_type", "skip", "max_failures", "max_factor_dim",
+    "step_size", "damping_adapt_every", "damping_omega", "min_damping", "max_damping",
+    "curvature",
 };
 #define N_FUZZ_KEYS ((int)(sizeof fuzz_keys / sizeof *fuzz_keys))
 static const char *const fuzz_values[] = {
     "0.01", "1", "0", "-1", "0.5", "0.999", "1e-3", "1e3", "20", "64", "sampled", "empirical",
-    "factored", "exact", "1,2,3", "0,63", "nan", "inf", "-inf", "1e309", "-0", "0x10", "+1",
+    "factored", "exact", "auto", "policy", "kfac", "1,2,3", "0,63", "nan", "inf", "-inf", "1e309", "-0", "0x10", "+1",
     ".5", "5.", "1e", "--1", " 1", "1 ", "\t0.1", "0.1\n", "2147483647", "2147483648",
     "-2147483649", "4.9e-324", "1.7976931348623157e308", "", ",", "1,,2", "9,-1",
 };

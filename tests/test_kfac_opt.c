@@ -191,6 +191,7 @@ static void test_opt_step_is_composition(void **state)
     net_alloc(&b, &r);
     net_copy_params(&b, &a);
     kfac_config c = config(KFAC_DAMPING_FACTORED, KFAC_PRECISION_FLOAT);
+    c.step_size = KFAC_STEP_POLICY;
     kfac_opt *o = opt_make(&c, &a);
 
     kfac_block *hb0 = tu_conv_block(geom(), &c), *hb1 = tu_fc_block(FC_IN, FC_OUT, 0, &c);
