@@ -813,6 +813,72 @@ static void test_auto_step_matches_dense(void **state)
     free_network(net);
 }
 
+/* Every array a layer keeps across steps (weights file contents, rolling
+ * statistics, accumulators), *net->cost, input and truth, in one buffer. */
+typedef struct { float *v; size_t n, cap; } flat;
+static void flat_add(void *ctx, const char *name, float *p, size_t n)
+{
+    (void)name;
+    flat *f = ctx;
+    if (f->n + n > f->cap) {
+        f->cap = 2 * (f->n + n);
+        f->v = realloc(f->v, f->cap * sizeof(float));
+    }
+    memcpy(f->v + f->n, p, n * sizeof(float));
+    f->n += n;
+}
+static flat flat_state(network *net)
+{
+    flat f = { 0, 0, 0 };
+    for (int i = 0; i < net->n; ++i) {
+        kfac_dn_walk_params(&net->layers[i], flat_add, &f);
+        kfac_dn_walk_accums(&net->layers[i], flat_add, &f);
+    }
+    flat_add(&f, "cost", net->cost, 1);
+    flat_add(&f, "input", net->input, (size_t)net->inputs * net->batch);
+    flat_add(&f, "truth", net->truth, (size_t)net->truths * net->batch);
+    return f;
+}
+
+/* The damping adaptation's extra forward pass and the exact curvature's
+ * passes leave every buffer the next step reads bit-identical (a
+ * training-mode pass moves the batch-norm rolling statistics: they are put
+ * back), and the pass's loss is the network's loss at those weights. */
+static void test_extra_passes_leave_state(void **state)
+{
+    (void)state;
+    network *net = build(NET_A_HEAD "[kfac]\nestimation_mode=empirical\ndamping_adapt_every=1\n");
+    kfac_net_state *st = dn_state(net);
+    assert_true(st->neval >= 2); /* the BN conv's rolling mean and variance */
+    assert_true(st->curv_softmax == 3);
+    fill_batch(net, 31);
+    forward_backward(net);
+    float cost = *net->cost;
+    flat a = flat_state(net);
+    double loss = kfac_dn_eval_loss(net, st);
+    flat b = flat_state(net);
+    assert_int_equal(a.n, b.n);
+    assert_memory_equal(a.v, b.v, a.n * sizeof(float));
+    assert_true(loss == cost / net->batch); /* same weights, same batch statistics */
+    free(b.v);
+
+    /* a whole step with adaptation and exact curvature: the rolling
+     * statistics are those of the datum's own forward pass */
+    flat roll0 = { 0, 0, 0 }, roll1 = { 0, 0, 0 };
+    layer *c0 = &net->layers[0];
+    flat_add(&roll0, "", c0->rolling_mean, c0->n);
+    flat_add(&roll0, "", c0->rolling_variance, c0->n);
+    update_network(net);
+    assert_true(st->last.adapt_due && st->last.step.applied == 3);
+    assert_true(isfinite(dn_opt(st).rho));
+    flat_add(&roll1, "", c0->rolling_mean, c0->n);
+    flat_add(&roll1, "", c0->rolling_variance, c0->n);
+    assert_memory_equal(roll0.v, roll1.v, roll0.n * sizeof(float));
+    assert_true(*net->cost == cost);
+    free(a.v); free(roll0.v); free(roll1.v);
+    free_network(net);
+}
+
 /* A BN conv keeps Darknet's SGD for its scales/shifts; sampled mode trains
  * a few steps without NaN through train_network_datum. */
 static void test_train_steps_finite(void **state)
@@ -993,6 +1059,7 @@ int main(void)
         cmocka_unit_test(test_cov_subsample),
         cmocka_unit_test(test_kfac_steps_match_dense),
         cmocka_unit_test(test_auto_step_matches_dense),
+        cmocka_unit_test(test_extra_passes_leave_state),
         cmocka_unit_test(test_train_steps_finite),
         cmocka_unit_test(test_failures_counted_and_stop),
         cmocka_unit_test(test_cfg_errors),

@@ -405,6 +405,220 @@ static void test_opt_stats_hook(void **state)
     net_free(&b);
 }
 
+/* ------------------------------------------------------------ automatic step */
+
+/* One connected layer (4 -> 3, bias) whose statistics make a well-scaled
+ * block; its weights, gradients and the opt's layer slot. */
+typedef struct {
+    float w[12], b[3], gw[12], gb[3];
+    float x[M * 4], d[M * 3];
+} fc1;
+
+static kfac_opt *fc1_make(kfac_config *c, fc1 *f, naive_rng *r)
+{
+    for (int i = 0; i < 12; i++) f->w[i] = (float)(0.5 * naive_rng_sym(r));
+    for (int i = 0; i < 3; i++) f->b[i] = (float)(0.1 * naive_rng_sym(r));
+    kfac_opt *o = NULL;
+    assert_int_equal(kfac_opt_create(c, 0.9, 1, &o, NULL, 0), KFAC_OK);
+    kfac_opt_layer L;
+    memset(&L, 0, sizeof L);
+    L.id = 0;
+    L.inputs = 4; L.outputs = 3; L.bias = 1;
+    L.w = f->w; L.b = f->b; L.grad_w = f->gw; L.grad_b = f->gb;
+    assert_int_equal(kfac_opt_add_layer(o, &L, NULL), KFAC_OK);
+    return o;
+}
+
+static void fc1_fill(fc1 *f, naive_rng *r, kfac_opt *o)
+{
+    for (int i = 0; i < 12; i++) f->gw[i] = (float)(M * naive_rng_sym(r));
+    for (int i = 0; i < 3; i++) f->gb[i] = (float)(M * naive_rng_sym(r));
+    for (int i = 0; i < M * 4; i++) f->x[i] = (float)naive_rng_sym(r);
+    for (int i = 0; i < M * 3; i++) f->d[i] = (float)naive_rng_sym(r);
+    tu_feed(kfac_opt_block(o, 0), 0, f->x, f->d, M);
+}
+
+/* Hand-worked Levenberg-Marquardt sequence (omega 0.5, bounds [1e-3, 0.1],
+ * from 0.01): rho > 3/4 halves, rho < 1/4 or not finite doubles, between
+ * keeps; the blocks see each new value. */
+static void test_damping_rule(void **state)
+{
+    (void)state;
+    naive_rng r;
+    naive_rng_seed(&r, 21);
+    fc1 f;
+    kfac_config c;
+    kfac_config_default(&c);
+    c.damping = 0.01;
+    c.damping_omega = 0.5;
+    c.min_damping = 1e-3;
+    c.max_damping = 0.1;
+    c.damping_adapt_every = 1;
+    c.norm_constraint = 0;
+    c.curvature = KFAC_CURVATURE_KFAC;
+    kfac_opt *o = fc1_make(&c, &f, &r);
+    const double rho[] = {0.9, 0.5, 0.1, -1.0, NAN, INFINITY, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8,
+                          0.8, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.76, 0.74, 0.26, 0.24};
+    const double want[] = {5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2, 4e-2, 2e-2, 1e-2, 5e-3,
+                           2.5e-3, 1.25e-3, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2,
+                           0.1, 0.1, 0.05, 0.05, 0.05, 0.1};
+    kfac_opt_report rep;
+    double got;
+    assert_int_equal(kfac_opt_adapt_damping(o, 1, 1, &got), KFAC_ERR_STATE);
+    for (int i = 0; i < (int)(sizeof rho / sizeof *rho); i++) {
+        fc1_fill(&f, &r, o);
+        kfac_opt_step_args a = { i, 0.1, 0.1, 0.0, M };
+        assert_int_equal(kfac_opt_step(o, &a, &rep), KFAC_OK);
+        assert_true(rep.adapt_due && rep.predicted < 0);
+        /* the loss after the step that gives this rho (no decay: wd = 0) */
+        double before = 2.0, after = before + rho[i] * rep.predicted;
+        if (isinf(rho[i])) after = INFINITY;
+        assert_int_equal(kfac_opt_adapt_damping(o, before, after, &got), KFAC_OK);
+        kfac_opt_info info;
+        kfac_opt_info_get(o, &info);
+        if (!(fabs(info.damping - want[i]) <= 1e-12 * want[i])) {
+            print_error("rho %g: damping %.17g, want %.17g\n", rho[i], info.damping, want[i]);
+            fail();
+        }
+        double lA, lG;
+        assert_int_equal(kfac_block_factored_damping(kfac_opt_block(o, 0), 0, &lA, &lG, NULL), KFAC_OK);
+        assert_true(fabs(lA * lG - want[i]) <= 1e-12 * want[i]); /* T = 1 */
+        assert_int_equal(kfac_opt_adapt_damping(o, 1, 1, &got), KFAC_ERR_STATE);
+    }
+    kfac_opt_free(o);
+}
+
+/* A linear "network" for the exact-curvature callbacks: outputs z = Mx theta
+ * (theta = [W | b] of the layer, row-major), metric a' H b with H SPD. The
+ * library's forward difference of a linear map is exact up to float
+ * rounding, so its 2x2 model must match the dense one built from Mx' H Mx. */
+#define NZ 5
+typedef struct {
+    fc1 *f;
+    double Mx[NZ * 15], H[NZ * NZ];
+    int runs;
+} lin_model;
+
+static kfac_status lin_outputs(void *ctx, int run, float *out)
+{
+    lin_model *m = ctx;
+    m->runs += run;
+    for (int o = 0; o < NZ; o++) {
+        double z = 0;
+        for (int q = 0; q < 3; q++) {
+            for (int k = 0; k < 4; k++) z += m->Mx[o * 15 + q * 5 + k] * m->f->w[q * 4 + k];
+            z += m->Mx[o * 15 + q * 5 + 4] * m->f->b[q];
+        }
+        out[o] = (float)z;
+    }
+    return KFAC_OK;
+}
+
+static double lin_metric(void *ctx, const float *a, const float *b)
+{
+    lin_model *m = ctx;
+    double s = 0;
+    for (int i = 0; i < NZ; i++)
+        for (int j = 0; j < NZ; j++) s += a[i] * m->H[i * NZ + j] * b[j];
+    return s;
+}
+
+static void test_auto_step_exact_linear(void **state)
+{
+    (void)state;
+    naive_rng r;
+    naive_rng_seed(&r, 22);
+    fc1 f;
+    kfac_config c;
+    kfac_config_default(&c);
+    c.damping = 0.05;
+    c.invert_every = 1;
+    c.damping_adapt_every = 0;
+    c.norm_constraint = 0;
+    kfac_opt *o = fc1_make(&c, &f, &r);
+    lin_model m;
+    memset(&m, 0, sizeof m);
+    m.f = &f;
+    for (int i = 0; i < NZ * 15; i++) m.Mx[i] = naive_rng_sym(&r);
+    double L[NZ * NZ];
+    for (int i = 0; i < NZ * NZ; i++) L[i] = naive_rng_sym(&r);
+    for (int i = 0; i < NZ; i++)
+        for (int j = 0; j < NZ; j++) {
+            double h = i == j ? 0.5 : 0.0;
+            for (int k = 0; k < NZ; k++) h += L[i * NZ + k] * L[j * NZ + k] / NZ;
+            m.H[i * NZ + j] = h;
+        }
+    kfac_curvature cv = { lin_outputs, lin_metric, &m, NZ };
+    assert_int_equal(kfac_opt_set_curvature(o, &cv), KFAC_OK);
+    const double wd = 1e-3;
+    double u0[15] = {0};
+    for (int step = 0; step < 3; step++) {
+        fc1_fill(&f, &r, o);
+        float w0[12], b0[3], gw[12], gb[3];
+        memcpy(w0, f.w, sizeof w0); memcpy(b0, f.b, sizeof b0);
+        memcpy(gw, f.gw, sizeof gw); memcpy(gb, f.gb, sizeof gb);
+        kfac_opt_step_args a = { step, 0.1, 0.1, wd, M };
+        kfac_opt_report rep;
+        int runs = m.runs;
+        assert_int_equal(kfac_opt_step(o, &a, &rep), KFAC_OK);
+        assert_int_equal(m.runs - runs, step == 0 ? 1 : 2); /* one pass per direction */
+        /* reference: g, Delta = the block's inverse (tested against dense
+         * solves elsewhere) on g, the dense model */
+        float g_w[12], g_b[3], D_w[12], D_b[3];
+        for (int i = 0; i < 12; i++) g_w[i] = (float)(-(double)gw[i] / M + wd * w0[i]);
+        for (int i = 0; i < 3; i++) g_b[i] = (float)(-(double)gb[i] / M);
+        assert_int_equal(kfac_block_multiply_inverse(kfac_opt_block(o, 0), g_w, g_b, D_w, D_b), KFAC_OK);
+        double g[15], D[15], JD[NZ] = {0}, JU[NZ] = {0};
+        for (int q = 0; q < 3; q++) {
+            for (int k = 0; k < 4; k++) { g[q * 5 + k] = g_w[q * 4 + k]; D[q * 5 + k] = D_w[q * 4 + k]; }
+            g[q * 5 + 4] = g_b[q];
+            D[q * 5 + 4] = D_b[q];
+        }
+        for (int o2 = 0; o2 < NZ; o2++)
+            for (int p = 0; p < 15; p++) { JD[o2] += m.Mx[o2 * 15 + p] * D[p]; JU[o2] += m.Mx[o2 * 15 + p] * u0[p]; }
+        double mm[3] = {0}, r1 = 0, r2 = 0;
+        for (int i = 0; i < NZ; i++)
+            for (int j = 0; j < NZ; j++) {
+                mm[0] += JD[i] * m.H[i * NZ + j] * JD[j];
+                mm[1] += JD[i] * m.H[i * NZ + j] * JU[j];
+                mm[2] += JU[i] * m.H[i * NZ + j] * JU[j];
+            }
+        for (int p = 0; p < 15; p++) {
+            double dec = p % 5 < 4 ? wd : 0.0;
+            mm[0] += (c.damping + dec) * D[p] * D[p];
+            mm[1] += (c.damping + dec) * D[p] * u0[p];
+            mm[2] += (c.damping + dec) * u0[p] * u0[p];
+            r1 += g[p] * D[p];
+            r2 += g[p] * u0[p];
+        }
+        double al = r1 / mm[0], mu = 0;
+        if (step > 0) {
+            double det = mm[0] * mm[2] - mm[1] * mm[1];
+            al = (r1 * mm[2] - r2 * mm[1]) / det;
+            mu = (mm[0] * r2 - mm[1] * r1) / det;
+        }
+        /* float outputs of a linear map: the difference quotient carries
+         * ~1e-7 |z| / (1e-3 |theta| |Delta| / |Delta|) ~ 1e-4 relative */
+        if (!(fabs(rep.alpha - al) <= 1e-3 * fabs(al)) || !(fabs(rep.momentum - mu) <= 1e-3 * fabs(al))) {
+            print_error("step %d: alpha %.8g momentum %.8g, dense %.8g %.8g\n", step, rep.alpha,
+                        rep.momentum, al, mu);
+            fail();
+        }
+        assert_true(fabs(rep.predicted + 0.5 * (al * r1 + mu * r2)) <= 1e-3 * fabs(al * r1));
+        for (int q = 0; q < 3; q++) {
+            for (int k = 0; k < 4; k++) {
+                double u = (double)w0[q * 4 + k] - f.w[q * 4 + k];
+                double want = rep.alpha * D[q * 5 + k] + rep.momentum * u0[q * 5 + k];
+                assert_true(fabs(u - want) <= 1e-5 * (fabs(want) + fabs(w0[q * 4 + k])));
+                u0[q * 5 + k] = u;
+            }
+            double u = (double)b0[q] - f.b[q];
+            u0[q * 5 + 4] = u;
+        }
+    }
+    kfac_opt_free(o);
+}
+
 /* ------------------------------------------------------------ state */
 
 /* K steps on A, its state saved; B built alike from A's weights loads it;
@@ -535,6 +749,8 @@ int main(void)
         cmocka_unit_test(test_opt_step_is_composition),
         cmocka_unit_test(test_opt_skips_whole_step),
         cmocka_unit_test(test_opt_stats_hook),
+        cmocka_unit_test(test_damping_rule),
+        cmocka_unit_test(test_auto_step_exact_linear),
         cmocka_unit_test_setup_teardown(test_state_factored_float, tu_tmpdir_setup, tu_tmpdir_teardown),
         cmocka_unit_test_setup_teardown(test_state_factored_double, tu_tmpdir_setup, tu_tmpdir_teardown),
         cmocka_unit_test_setup_teardown(test_state_exact, tu_tmpdir_setup, tu_tmpdir_teardown),
