@@ -8,6 +8,8 @@
 #   make test            library + Darknet glue tests (installs what it needs)
 #   make test SANITIZE=1 the same under ASan/UBSan
 #   make demo            K-FAC vs SGD on Fashion-MNIST: CSV, plot, table
+#   make compare CFG=f   the same for any classifier cfg, reduced to Fashion-MNIST
+#                        [ITERS=2000] [EVAL=ITERS/20] [SEED=1] (docs/compare.md)
 #   make bench           side-by-side speed/memory ratios
 #   make darknet         just the patched darknet binary (build/darknet/darknet)
 
@@ -61,7 +63,7 @@ DN_TESTS    := $(wildcard tests/test_darknet*.c)
 DEMO_BIN := $(if $(filter 1,$(SANITIZE)),$(OUT)/kfac_demo,$(BUILD)/kfac_demo)
 DN_TEST_BIN := $(patsubst tests/%.c,$(OUT)/dntests/%,$(DN_TESTS))
 
-.PHONY: all deps lib test test-lib test-darknet darknet gpu-build-check demo zoo-retrain bench clean distclean
+.PHONY: all deps lib test test-lib test-darknet darknet gpu-build-check demo compare zoo-retrain bench clean distclean
 
 all: lib
 
@@ -148,6 +150,11 @@ $(DEMO_BIN): darknet_kfac/demo/kfac_demo.c darknet
 demo: darknet
 	@scripts/deps.sh $(DEPS_DEMO)
 	scripts/demo.sh
+
+compare: darknet
+	@[ -n "$(CFG)" ] || { echo "usage: make compare CFG=path [ITERS=N] [EVAL=E] [SEED=S]" >&2; exit 2; }
+	@scripts/deps.sh $(DEPS_DEMO)
+	scripts/compare.sh "$(CFG)" "$(ITERS)" "$(EVAL)" "$(SEED)"
 
 zoo-retrain: darknet
 	@scripts/deps.sh $(DEPS_DEMO)

@@ -24,6 +24,14 @@
 #       final accuracy, seconds per step; then K-FAC/SGD ratios, each checked
 #       against its MAX where given (KEY: step = seconds per step, T = seconds
 #       to T%).
+#   compare_summary CSV DEST
+#       DEST: key=value lines (sgd_final_acc, kfac_final_acc, sgd_seconds,
+#       kfac_seconds, kfac_seconds_to_sgd_final, kfac_iters_to_sgd_final,
+#       ratio_seconds_to_sgd_final), also printed.
+#   compare_report ITERS EVAL "T1 T2..." TITLE [YLO]
+#       after compare_run: OUT/compare.png (scripts/plot-compare.sh TITLE
+#       YLO), the table and OUT/summary.txt; what scripts/demo.sh,
+#       scripts/zoo-retrain.sh and scripts/compare.sh end with.
 
 compare_setup() {
     cmp_out=$1 cmp_parallel=$2 cmp_timed=$3
@@ -139,4 +147,44 @@ compare_table() {
             ratio("K-FAC/SGD iterations to " T[j] "%", it["kfac", j], it["sgd", j], "")
         }
     }' "$1"
+}
+
+# A run's final accuracy is the mean of its last three evaluations: one
+# evaluation of 10000 images moves by a few tenths of a percent from one to
+# the next. It is rounded to the CSV's 4 decimals before K-FAC's evaluations
+# are compared with it, so that the printed value is the one compared.
+compare_summary() {
+    awk -F, '
+    FNR == 1 { next }
+    { m = $1; k = ++n[m]; acc[m, k] = $5; it[m, k] = $2; sec[m, k] = $3 }
+    function final(m,   k, s, c) {
+        for (k = n[m]; k >= 1 && k > n[m] - 3; --k) { s += acc[m, k]; ++c }
+        return sprintf("%.4f", s / c)
+    }
+    END {
+        if (!n["sgd"] || !n["kfac"]) { print "compare_summary: " FILENAME ": needs sgd and kfac rows" > "/dev/stderr"; exit 1 }
+        sf = final("sgd"); ss = sec["sgd", n["sgd"]]
+        ts = ti = r = "never"
+        for (k = 1; k <= n["kfac"]; ++k) if (acc["kfac", k] >= sf + 0) { ts = sec["kfac", k]; ti = it["kfac", k]; break }
+        if (ts != "never") r = ss > 0 ? sprintf("%.3f", ts / ss) : "n/a"
+        print "sgd_final_acc=" sf
+        print "kfac_final_acc=" final("kfac")
+        print "sgd_seconds=" ss
+        print "kfac_seconds=" sec["kfac", n["kfac"]]
+        print "kfac_seconds_to_sgd_final=" ts
+        print "kfac_iters_to_sgd_final=" ti
+        print "ratio_seconds_to_sgd_final=" r
+    }' "$1" >"$2"
+    cat "$2"
+}
+
+compare_report() {
+    local iters=$1 every=$2 thr=$3 title=$4 ylo=${5:-}
+    scripts/plot-compare.sh "$cmp_out" "$title" ${ylo:+"$ylo"}
+    echo
+    echo "results: $cmp_out/results.csv ($iters steps per method, test accuracy on 10000 images every $every steps)"
+    compare_table "$cmp_out/results.csv" "$thr"
+    echo
+    echo "summary: $cmp_out/summary.txt (final = mean of the last 3 evaluations)"
+    compare_summary "$cmp_out/results.csv" "$cmp_out/summary.txt"
 }

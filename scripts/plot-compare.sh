@@ -6,8 +6,17 @@
 # gnuplot it says how to get it and succeeds (the CSV and table still stand).
 #
 #   scripts/plot-compare.sh DIR TITLE [YLO]    (YLO: accuracy axis floor, 0.8)
+#
+# YLO=auto: 0.8, or lower if a point of the last three quarters of a run is
+# lower (short runs: batch-norm rolling statistics still settling, or a cfg
+# that is far from 80% in the steps given), rounded down to a multiple of 0.05.
 set -euo pipefail
 out=$1 title=$2 ylo=${3:-0.8}
+if [ "$ylo" = auto ]; then
+    ylo=$(awk -F, 'NR > 1 { it[NR] = $2; acc[NR] = $5; if ($2 > n) n = $2 }
+          END { lo = 0.8; for (i in it) if (it[i] >= n / 4 && acc[i] < lo) lo = acc[i]
+                printf "%.2f", lo < 0.8 ? int(lo * 20) / 20 : 0.8 }' "$out/results.csv")
+fi
 # One data file per method: gnuplot then needs no CSV filtering of its own.
 for m in sgd kfac; do
     awk -F, -v m="$m" '$1 == m' "$out/results.csv" > "$out/$m.dat"
