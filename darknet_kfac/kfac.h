@@ -101,9 +101,12 @@ typedef enum {
 typedef struct {
     double damping;            /* lambda > 0, default 0.001 */
     double cov_ema_decay;      /* 0 <= e < 1, default 0.95 */
-    int    cov_update_every;   /* >= 1, default 1 */
+    int    cov_update_every;   /* >= 1, default 10 */
     int    invert_every;       /* >= 1, default 20 */
-    double norm_constraint;    /* C >= 0, 0 disables, default 0.001 */
+    double norm_constraint;    /* C >= 0, 0 disables (default). policy: nu
+                                  bounds eta^2 <g, Delta> by C (sem. 5); auto:
+                                  the step's u' C u by C, a bound the model
+                                  needs no tuning without */
     double momentum;           /* 0 <= mu < 1; < 0 means "use [net] momentum" (default -1) */
     kfac_estimation_mode estimation_mode;  /* default sampled */
     kfac_damping_type    damping_type;     /* default factored */
@@ -635,6 +638,11 @@ typedef struct {
     double base_learning_rate;  /* the policy's base rate (norm_constraint_lr=base) */
     double decay;               /* weight decay, weights only */
     int    batch;               /* examples the gradients are summed over */
+    double loss;                /* mean loss of the step's (last) mini-batch at the
+                                   current weights; step_size=auto keeps the model's
+                                   predicted decrease at most this (a nonnegative
+                                   loss cannot decrease by more). NaN or <= 0: no
+                                   such bound */
 } kfac_opt_step_args;
 
 typedef struct {

@@ -23,9 +23,11 @@ void kfac_config_default(kfac_config *cfg)
     memset(cfg, 0, sizeof *cfg);
     cfg->damping = 0.001;
     cfg->cov_ema_decay = 0.95;
-    cfg->cov_update_every = 1;
+    cfg->cov_update_every = 10;
     cfg->invert_every = 20;
-    cfg->norm_constraint = 0.001;
+    /* off: the automatic step size bounds itself (kfac_opt_step_args.loss);
+     * with step_size=policy a cfg says which C it wants */
+    cfg->norm_constraint = 0.0;
     cfg->momentum = -1.0;
     cfg->estimation_mode = KFAC_ESTIMATION_SAMPLED;
     cfg->damping_type = KFAC_DAMPING_FACTORED;

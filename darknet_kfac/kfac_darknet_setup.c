@@ -355,14 +355,19 @@ static void print_table(network *net, kfac_net_state *st, const char *fallback, 
     const kfac_config *c = kfac_opt_config(st->opt);
     kfac_opt_info oi;
     kfac_opt_info_get(st->opt, &oi);
+    char step[96];
+    if (c->step_size == KFAC_STEP_AUTO)
+        snprintf(step, sizeof step, "step_size auto");
+    else
+        snprintf(step, sizeof step, "step_size policy (%s lr), momentum %g",
+                 c->norm_constraint_lr == KFAC_CLIP_LR_BASE ? "base" : "current", oi.momentum);
     fprintf(stderr, "K-FAC (darknet-kfac) %s: estimation %s, damping %g (%s), cov_ema_decay %g, "
-            "cov_update_every %d, cov_subsample %d, invert_every %d, norm_constraint %g "
-            "(%s lr), momentum %g, precond_precision %s\n",
+            "cov_update_every %d, cov_subsample %d, invert_every %d, norm_constraint %g, %s, "
+            "precond_precision %s\n",
             st->cfgfile, st->sampled ? "sampled" : "empirical", oi.damping,
             c->damping_type == KFAC_DAMPING_EXACT ? "exact" : "factored",
             c->cov_ema_decay, c->cov_update_every, c->cov_subsample, c->invert_every,
-            c->norm_constraint, c->norm_constraint_lr == KFAC_CLIP_LR_BASE ? "base" : "current",
-            oi.momentum, c->precond_precision == KFAC_PRECISION_DOUBLE ? "double" : "float");
+            c->norm_constraint, step, c->precond_precision == KFAC_PRECISION_DOUBLE ? "double" : "float");
     if (c->step_size == KFAC_STEP_AUTO)
         fprintf(stderr, "K-FAC: adaptive: learning rate and momentum from the quadratic model "
                 "each step with %s (scaled by the [net] policy's rate / its base rate%s)%s\n",

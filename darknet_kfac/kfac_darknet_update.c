@@ -80,6 +80,7 @@ void kfac_update_network_cpu(network *net, update_args a)
     sa.base_learning_rate = net->learning_rate;
     sa.decay = a.decay;
     sa.batch = a.batch;
+    sa.loss = *net->cost / net->batch; /* the last datum's, at these weights */
     kfac_opt_report *r = &st->last;
     kfac_status s = kfac_opt_step(st->opt, &sa, r);
     if (s != KFAC_OK)
@@ -128,10 +129,11 @@ void kfac_print_progress(network *net)
     kfac_opt_info_get(st->opt, &oi);
     const kfac_opt_report *r = &st->last;
     if (kfac_opt_config(st->opt)->step_size == KFAC_STEP_AUTO)
-        printf("kfac %ld: damping %g, rho %.3g, lr %.4g, momentum %.3g, nu %.4g, skipped %d, "
-               "failed steps %d in a row/%ld total", st->last_step, oi.damping, oi.rho, r->alpha,
-               r->momentum, r->step.nu, r->skipped_step ? st->nlayers : r->step.skipped,
-               oi.consecutive_failures, oi.total_failures);
+        printf("kfac %ld: damping %g, rho %.3g, lr %.4g, momentum %.3g, model %.3g, nu %.4g, "
+               "skipped %d, failed steps %d in a row/%ld total", st->last_step, oi.damping,
+               oi.rho, r->alpha, r->momentum, r->predicted, r->step.nu,
+               r->skipped_step ? st->nlayers : r->step.skipped, oi.consecutive_failures,
+               oi.total_failures);
     else
         printf("kfac %ld: damping %g, nu %.4g, skipped %d, failed steps %d in a row/%ld total",
                st->last_step, oi.damping, r->step.nu,

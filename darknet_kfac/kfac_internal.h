@@ -157,6 +157,7 @@ typedef struct {
     double decay;           /* weight decay, weights only */
     int batch;
     double norm_constraint; /* bound on u' C u, 0 disables */
+    double max_decrease;    /* bound on the predicted decrease, 0 disables */
     const kfac_curvature *exact; /* NULL: the blocks' own products */
     double damping;         /* with exact: C = GN + (damping + decay) I */
     float *z0, *z1, *z2;    /* with exact: n_out floats each */

@@ -447,6 +447,8 @@ kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *a, kfac_opt_rep
         aa.decay = a->decay;
         aa.batch = a->batch;
         aa.norm_constraint = o->cfg.norm_constraint;
+        /* a nonnegative loss cannot decrease by more than itself */
+        aa.max_decrease = isfinite(a->loss) && a->loss > 0 ? a->loss : 0.0;
         aa.exact = o->has_curv && o->cfg.curvature == KFAC_CURVATURE_EXACT ? &o->curv : NULL;
         aa.damping = o->damping;
         aa.z0 = o->z;

@@ -318,9 +318,19 @@ kfac_status kfac_step_auto(kfac_layer_ref *layers, int n, const kfac_auto_args *
         }
     }
     const double P = al * r1 + mu * r2; /* = u*' C u*, twice the predicted decrease */
+    /* t u*: the model's change is -P (t - t^2/2). Safety bounds, both
+     * tuning-free by default: the predicted decrease at most max_decrease
+     * (the caller: the current loss, which cannot go below 0), and,
+     * when given, u' C u = t^2 P at most the norm constraint. */
     double s = a->scale, nu = 1.0;
-    if (a->norm_constraint > 0.0 && s * s * P > a->norm_constraint)
-        nu = sqrt(a->norm_constraint / (s * s * P));
+    if (s > 1.0)
+        s = 1.0; /* a schedule above its base rate does not pass the model's optimum */
+    if (a->max_decrease > 0.0 && P > 0.0 && P * (s - 0.5 * s * s) > a->max_decrease) {
+        double q = 2.0 * a->max_decrease / P; /* < 2s - s^2 <= 1 */
+        nu = (1.0 - sqrt(1.0 - q)) / s;
+    }
+    if (a->norm_constraint > 0.0 && (s * nu) * (s * nu) * P > a->norm_constraint)
+        nu = sqrt(a->norm_constraint / P) / s;
     s *= nu;
     r->alpha = s * al;
     r->momentum = s * mu;

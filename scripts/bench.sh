@@ -1,6 +1,7 @@
 #!/bin/bash
 # Side-by-side benchmark (`make bench`): SGD and K-FAC on the demo model, same
-# data, seed and initial weights, in one invocation on the same machine, and
+# data, seed and initial weights, in one invocation on the same machine (K-FAC
+# at its defaults, then the hand-tuned settings of *_tuned.cfg), and
 # SGD once more on a BLAS=0 (upstream gemm loops) build. Prints K-FAC/SGD
 # ratios of amortised seconds per step, of seconds and iterations to 88/90/91%
 # test accuracy, of peak RSS, and the upstream-gemm/BLAS SGD step-time ratio,
@@ -23,8 +24,11 @@ every=${BENCH_EVAL:-50}
 giters=${BENCH_GEMM_ITERS:-60}
 seed=${BENCH_SEED:-1}
 data=${BENCH_DATA:-/usr/share/datasets/fashion-mnist}
+# K-FAC at its defaults (the SGD cfg plus a bare [kfac]), and the hand-tuned
+# settings the demo used before (step_size=policy), each side by side with SGD
 if [ "${BENCH_BN:-0}" = 1 ]; then sgd_cfg=cfg/fashion_bn_sgd.cfg; kfac_cfg=cfg/fashion_bn_kfac.cfg
 else sgd_cfg=cfg/fashion_sgd.cfg; kfac_cfg=cfg/fashion_kfac.cfg; fi
+tuned_cfg=${kfac_cfg%.cfg}_tuned.cfg
 out=build/bench
 parallel=${BENCH_PARALLEL:-1}
 compare_setup "$out" "$parallel" 1 "(BENCH_PARALLEL=$parallel); $iters steps per method, eval every $every"
@@ -74,6 +78,17 @@ grep -h '^phases ' "$out/sgd.log" "$out/kfac.log"
 grep '^kfac ' "$out/kfac.log" | awk -F'[ ,;]+' '{
     for (i = 1; i <= NF; ++i) { if ($i == "stats") s += $(i+1); if ($i == "inverses") v += $(i+1); if ($i == "precond") p += $(i+1) }
     n++ } END { if (n) printf "K-FAC seconds per step, amortised: statistics %.4f, inverses %.4f, preconditioning %.4f (%d steps)\n", s/n, v/n, p/n, n }'
+
+# The hand-tuned settings, side by side with SGD once more (their own
+# directory, so the pair shares the machine as the first one did).
+echo
+echo "== the hand-tuned settings ($tuned_cfg, step_size=policy) against SGD"
+main_out=$out
+compare_setup "$out/tuned" "$parallel" 1 "(BENCH_PARALLEL=$parallel); $iters steps per method"
+compare_run "$sgd_cfg" "$tuned_cfg" --iters "$iters" --eval-every "$every" --seed "$seed" --data-dir "$data"
+compare_table "$out/tuned/results.csv" "88 90 91" "step:1.3 90:0.5"
+grep -h '^phases ' "$out/tuned/kfac.log"
+out=$main_out
 
 # The cost of each inverse path on the demo's layers (library only).
 ${CC:-cc} -std=gnu99 -O2 -Idarknet_kfac darknet_kfac/demo/kfac_bench_inv.c build/rel/libkfac.a \

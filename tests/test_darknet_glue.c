@@ -473,7 +473,7 @@ static const char *cfg_step =
     "[connected]\noutput=3\nactivation=linear\n\n"
     "[softmax]\n\n"
     "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0.0001\n"
-    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nstep_size=policy\n";
+    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nstep_size=policy\ncov_update_every=1\n";
 
 /* Dense reference state of one layer (one group, with bias): running
  * factors, this step's g, Delta and the velocity, all in double and in the
@@ -598,7 +598,7 @@ static const char *cfg_step_base =
     "[connected]\noutput=3\nactivation=linear\n\n"
     "[softmax]\n\n"
     "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0.0001\n"
-    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nnorm_constraint_lr=base\nstep_size=policy\n";
+    "invert_every=1\nmomentum=0.5\ncov_ema_decay=0.5\nnorm_constraint_lr=base\nstep_size=policy\ncov_update_every=1\n";
 
 static void steps_match_dense(const char *cfg, int clip_base)
 {
@@ -664,7 +664,7 @@ static const char *cfg_auto =
     "[connected]\noutput=3\nactivation=linear\n\n"
     "[softmax]\n\n"
     "[kfac]\nestimation_mode=empirical\ndamping=0.05\nnorm_constraint=0\n"
-    "invert_every=1\ncov_ema_decay=0.5\ndamping_adapt_every=0\n";
+    "invert_every=1\ncov_ema_decay=0.5\ndamping_adapt_every=0\ncov_update_every=1\n";
 
 static float *param_at(ref_layer *r, int p)
 {

@@ -306,6 +306,10 @@ static void test_resume_bit_exact(void **state)
     train_steps(a, 0, N_BEFORE);
     assert_int_equal(dn_opt(sa).steps_run, N_BEFORE);
     assert_int_equal(dn_opt(sa).total_failures, 0);
+    /* the adaptation state is part of what must survive: damping_adapt_every
+     * (default 5) has adapted the damping at least once by now */
+    const double damping_saved = dn_opt(sa).damping, rho_saved = dn_opt(sa).rho;
+    assert_true(isfinite(rho_saved));
     save_weights(a, (char *)w);
     assert_true(exists(w));
     assert_true(exists(side));
@@ -329,6 +333,7 @@ static void test_resume_bit_exact(void **state)
     assert_int_equal(dn_opt(sb).steps_run, N_BEFORE);
     assert_int_equal(dn_opt(sb).ready, 1);
     assert_true(dn_opt(sb).seed == dn_opt(sa).seed);
+    assert_true(dn_opt(sb).damping == damping_saved && dn_opt(sb).rho == rho_saved);
     train_steps(b, N_BEFORE, N_BEFORE + M_AFTER);
     blob w2 = snapshot(b, 1);
     assert_int_equal(w1.n, w2.n);
@@ -336,6 +341,7 @@ static void test_resume_bit_exact(void **state)
     assert_int_equal(dn_opt(sb).steps_run, dn_opt(sa).steps_run);
     assert_int_equal(*b->seen, *a->seen);
     assert_int_equal(*b->t, *a->t);
+    assert_true(dn_opt(sb).damping == dn_opt(sa).damping);
 
     /* (b) without the sidecar the same weights resume with a fresh K-FAC:
      * a warning, training works, and the result differs, which shows the

@@ -261,7 +261,7 @@ static const char *resize_cfg =
     "[convolutional]\nfilters=8\nsize=1\nstride=1\npad=0\nactivation=leaky\n"
     "[avgpool]\n"
     "[softmax]\n"
-    "[kfac]\ninvert_every=1\ndamping=0.01\n";
+    "[kfac]\ninvert_every=1\ndamping=0.01\ncov_update_every=1\n"; /* every step follows the size */
 
 /* resize_network between steps, as detector/classifier training does with
  * random=1: each conv block follows its layer's new T, the factors keep their

@@ -82,9 +82,9 @@ static void test_config_default_and_check(void **state)
     kfac_config_default(&c);
     assert_true(c.damping == 0.001);
     assert_true(c.cov_ema_decay == 0.95);
-    assert_int_equal(c.cov_update_every, 1);
+    assert_int_equal(c.cov_update_every, 10);
     assert_int_equal(c.invert_every, 20);
-    assert_true(c.norm_constraint == 0.001);
+    assert_true(c.norm_constraint == 0.0);
     assert_true(c.momentum < 0.0);
     assert_int_equal(c.estimation_mode, KFAC_ESTIMATION_SAMPLED);
     assert_int_equal(c.damping_type, KFAC_DAMPING_FACTORED);

@@ -120,7 +120,7 @@ static void feed(kfac_block *b0, kfac_block *b1, const net2 *n)
 
 static kfac_opt_step_args args_at(long step)
 {
-    kfac_opt_step_args a = { step, 0.05, 0.1, 5e-4, M };
+    kfac_opt_step_args a = { step, 0.05, 0.1, 5e-4, M, 0.0 };
     return a;
 }
 
@@ -129,6 +129,7 @@ static kfac_config config(kfac_damping_type t, kfac_precision p)
     kfac_config c = tu_config(t, p);
     c.damping = 0.01;
     c.cov_ema_decay = 0.5;
+    c.cov_update_every = 1;
     c.invert_every = 2;
     c.norm_constraint = 1e-3;
     c.norm_constraint_lr = KFAC_CLIP_LR_BASE;
@@ -467,7 +468,7 @@ static void test_damping_rule(void **state)
     assert_int_equal(kfac_opt_adapt_damping(o, 1, 1, &got), KFAC_ERR_STATE);
     for (int i = 0; i < (int)(sizeof rho / sizeof *rho); i++) {
         fc1_fill(&f, &r, o);
-        kfac_opt_step_args a = { i, 0.1, 0.1, 0.0, M };
+        kfac_opt_step_args a = { i, 0.1, 0.1, 0.0, M, 0.0 };
         assert_int_equal(kfac_opt_step(o, &a, &rep), KFAC_OK);
         assert_true(rep.adapt_due && rep.predicted < 0);
         /* the loss after the step that gives this rho (no decay: wd = 0) */
@@ -486,6 +487,40 @@ static void test_damping_rule(void **state)
         assert_int_equal(kfac_opt_adapt_damping(o, 1, 1, &got), KFAC_ERR_STATE);
     }
     kfac_opt_free(o);
+}
+
+/* The automatic step's safety bound: the model's predicted decrease stays
+ * at most the loss the caller reports, by scaling the model's step t u*
+ * with -M(t) = P (t - t^2/2); a loss the bound does not reach leaves the
+ * step at the model's optimum (t = 1, -M = P/2). */
+static void test_auto_step_loss_bound(void **state)
+{
+    (void)state;
+    for (int bound = 0; bound < 2; bound++) {
+        naive_rng r;
+        naive_rng_seed(&r, 23);
+        fc1 f;
+        kfac_config c;
+        kfac_config_default(&c);
+        c.damping_adapt_every = 0;
+        c.curvature = KFAC_CURVATURE_KFAC;
+        kfac_opt *o = fc1_make(&c, &f, &r);
+        fc1_fill(&f, &r, o);
+        kfac_opt_step_args a = { 0, 0.1, 0.1, 0.0, M, bound ? 1e-4 : 1e6 };
+        kfac_opt_report rep;
+        assert_int_equal(kfac_opt_step(o, &a, &rep), KFAC_OK);
+        /* first step, 1-d: unbounded, alpha = g'D / D'CD and the model
+         * predicts -alpha g'D / 2 */
+        if (bound) {
+            assert_true(fabs(rep.predicted + 1e-4) <= 1e-9);
+            assert_true(rep.step.nu < 1.0);
+        } else {
+            assert_true(rep.step.nu == 1.0);
+            assert_true(fabs(rep.predicted + 0.5 * rep.alpha * rep.step.gdotdelta) <=
+                        1e-12 * fabs(rep.predicted));
+        }
+        kfac_opt_free(o);
+    }
 }
 
 /* A linear "network" for the exact-curvature callbacks: outputs z = Mx theta
@@ -557,7 +592,7 @@ static void test_auto_step_exact_linear(void **state)
         float w0[12], b0[3], gw[12], gb[3];
         memcpy(w0, f.w, sizeof w0); memcpy(b0, f.b, sizeof b0);
         memcpy(gw, f.gw, sizeof gw); memcpy(gb, f.gb, sizeof gb);
-        kfac_opt_step_args a = { step, 0.1, 0.1, wd, M };
+        kfac_opt_step_args a = { step, 0.1, 0.1, wd, M, 0.0 };
         kfac_opt_report rep;
         int runs = m.runs;
         assert_int_equal(kfac_opt_step(o, &a, &rep), KFAC_OK);
@@ -750,6 +785,7 @@ int main(void)
         cmocka_unit_test(test_opt_skips_whole_step),
         cmocka_unit_test(test_opt_stats_hook),
         cmocka_unit_test(test_damping_rule),
+        cmocka_unit_test(test_auto_step_loss_bound),
         cmocka_unit_test(test_auto_step_exact_linear),
         cmocka_unit_test_setup_teardown(test_state_factored_float, tu_tmpdir_setup, tu_tmpdir_teardown),
         cmocka_unit_test_setup_teardown(test_state_factored_double, tu_tmpdir_setup, tu_tmpdir_teardown),
