@@ -184,81 +184,30 @@ kfac_status kfac_config_set(kfac_config *cfg, const char *key, const char *value
                "a number > 0 and <= max_damping (set max_damping first to raise both)")
     DOUBLE_KEY(max_damping, d > 0.0 && d >= cfg->min_damping,
                "a number > 0 and >= min_damping")
+/* A key with two named values. */
+#define ENUM_KEY(name, a, va, b, vb)                                                      \
+    if (strcmp(key, #name) == 0) {                                                        \
+        if (strcmp(value, a) == 0)                                                        \
+            cfg->name = va;                                                               \
+        else if (strcmp(value, b) == 0)                                                   \
+            cfg->name = vb;                                                               \
+        else {                                                                            \
+            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: %s, %s)", key,    \
+                    value, a, b);                                                         \
+            return KFAC_ERR_PARSE;                                                        \
+        }                                                                                 \
+        return KFAC_OK;                                                                   \
+    }
 #undef DOUBLE_KEY
 #undef INT_KEY
 
-    if (strcmp(key, "estimation_mode") == 0) {
-        if (strcmp(value, "sampled") == 0)
-            cfg->estimation_mode = KFAC_ESTIMATION_SAMPLED;
-        else if (strcmp(value, "empirical") == 0)
-            cfg->estimation_mode = KFAC_ESTIMATION_EMPIRICAL;
-        else {
-            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: sampled, empirical)",
-                    key, value);
-            return KFAC_ERR_PARSE;
-        }
-        return KFAC_OK;
-    }
-    if (strcmp(key, "damping_type") == 0) {
-        if (strcmp(value, "factored") == 0)
-            cfg->damping_type = KFAC_DAMPING_FACTORED;
-        else if (strcmp(value, "exact") == 0)
-            cfg->damping_type = KFAC_DAMPING_EXACT;
-        else {
-            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: factored, exact)",
-                    key, value);
-            return KFAC_ERR_PARSE;
-        }
-        return KFAC_OK;
-    }
-    if (strcmp(key, "precond_precision") == 0) {
-        if (strcmp(value, "float") == 0)
-            cfg->precond_precision = KFAC_PRECISION_FLOAT;
-        else if (strcmp(value, "double") == 0)
-            cfg->precond_precision = KFAC_PRECISION_DOUBLE;
-        else {
-            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: float, double)",
-                    key, value);
-            return KFAC_ERR_PARSE;
-        }
-        return KFAC_OK;
-    }
-    if (strcmp(key, "norm_constraint_lr") == 0) {
-        if (strcmp(value, "current") == 0)
-            cfg->norm_constraint_lr = KFAC_CLIP_LR_CURRENT;
-        else if (strcmp(value, "base") == 0)
-            cfg->norm_constraint_lr = KFAC_CLIP_LR_BASE;
-        else {
-            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: current, base)",
-                    key, value);
-            return KFAC_ERR_PARSE;
-        }
-        return KFAC_OK;
-    }
-    if (strcmp(key, "step_size") == 0) {
-        if (strcmp(value, "auto") == 0)
-            cfg->step_size = KFAC_STEP_AUTO;
-        else if (strcmp(value, "policy") == 0)
-            cfg->step_size = KFAC_STEP_POLICY;
-        else {
-            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: auto, policy)",
-                    key, value);
-            return KFAC_ERR_PARSE;
-        }
-        return KFAC_OK;
-    }
-    if (strcmp(key, "curvature") == 0) {
-        if (strcmp(value, "exact") == 0)
-            cfg->curvature = KFAC_CURVATURE_EXACT;
-        else if (strcmp(value, "kfac") == 0)
-            cfg->curvature = KFAC_CURVATURE_KFAC;
-        else {
-            set_err(err, errlen, "kfac: %s: '%s' is not valid (allowed: exact, kfac)", key,
-                    value);
-            return KFAC_ERR_PARSE;
-        }
-        return KFAC_OK;
-    }
+    ENUM_KEY(estimation_mode, "sampled", KFAC_ESTIMATION_SAMPLED, "empirical", KFAC_ESTIMATION_EMPIRICAL)
+    ENUM_KEY(damping_type, "factored", KFAC_DAMPING_FACTORED, "exact", KFAC_DAMPING_EXACT)
+    ENUM_KEY(precond_precision, "float", KFAC_PRECISION_FLOAT, "double", KFAC_PRECISION_DOUBLE)
+    ENUM_KEY(norm_constraint_lr, "current", KFAC_CLIP_LR_CURRENT, "base", KFAC_CLIP_LR_BASE)
+    ENUM_KEY(step_size, "auto", KFAC_STEP_AUTO, "policy", KFAC_STEP_POLICY)
+    ENUM_KEY(curvature, "exact", KFAC_CURVATURE_EXACT, "kfac", KFAC_CURVATURE_KFAC)
+#undef ENUM_KEY
     if (strcmp(key, "skip") == 0) {
         int tmp[KFAC_MAX_SKIP], n = 0;
         const char *why = parse_skip(value, tmp, &n);

@@ -39,12 +39,14 @@
 static void fingerprint(network *net, const kfac_net_state *st, char *fp, size_t len)
 {
     const kfac_config *c = kfac_opt_config(st->opt);
+    /* step_size: the velocity buffers hold v (policy) or the last step u (auto) */
     int pos = snprintf(fp, len, LAYOUT_TAG "%d; seen %zu; damping %.17g %s; precision %s; "
-                       "cov_ema_decay %.17g; estimation %s; %d layers:", SIDECAR_LAYOUT,
-                       *net->seen, c->damping,
+                       "cov_ema_decay %.17g; estimation %s; step_size %s; %d layers:",
+                       SIDECAR_LAYOUT, *net->seen, c->damping,
                        c->damping_type == KFAC_DAMPING_EXACT ? "exact" : "factored",
                        c->precond_precision == KFAC_PRECISION_DOUBLE ? "double" : "float",
-                       c->cov_ema_decay, st->sampled ? "sampled" : "empirical", net->n);
+                       c->cov_ema_decay, st->sampled ? "sampled" : "empirical",
+                       c->step_size == KFAC_STEP_AUTO ? "auto" : "policy", net->n);
     size_t head = (size_t)pos;
     int k = 0;
     for (int i = 0; i < net->n && (size_t)pos < len; ++i) {
