@@ -103,37 +103,28 @@ typedef struct {
     double cov_ema_decay;      /* 0 <= e < 1, default 0.95 */
     int    cov_update_every;   /* >= 1, default 10 */
     int    invert_every;       /* >= 1, default 20 */
-    double norm_constraint;    /* C >= 0, 0 disables (default). policy: nu
-                                  bounds eta^2 <g, Delta> by C (sem. 5); auto:
-                                  the step's u' C u by C, a bound the model
-                                  needs no tuning without */
+    double norm_constraint;    /* C >= 0, 0 disables (default). policy: nu bounds
+                                  eta^2 <g, Delta> by C (sem. 5); auto: u' C u */
     double momentum;           /* 0 <= mu < 1; < 0 means "use [net] momentum" (default -1) */
     kfac_estimation_mode estimation_mode;  /* default sampled */
     kfac_damping_type    damping_type;     /* default factored */
     int    skip[KFAC_MAX_SKIP]; /* layer indices left on SGD */
     int    nskip;
-    int    max_factor_dim;     /* >= 0; a layer whose A or G factor is larger stays
-                                  on SGD (the caller's policy), 0 = no limit,
-                                  default 8192 */
-    int    max_failures;       /* consecutive failed steps before training stops,
-                                  >= 1, default 10 */
+    int    max_factor_dim;     /* >= 0; a layer with a larger A or G factor stays on
+                                  SGD (the caller's policy), 0 = no limit, default 8192 */
+    int    max_failures;       /* consecutive failed steps before stopping, >= 1, default 10 */
     kfac_precision precond_precision; /* how multiply_inverse applies factored
-                                  inverses (always computed in double); float
-                                  halves the time and memory traffic of the
-                                  per-step products at a relative error of
-                                  about cond * 1e-7. Default float */
-    kfac_clip_lr norm_constraint_lr; /* the caller's policy: which learning rate
-                                  the clip coefficient nu is computed with.
-                                  current (default, sem. 5): a clipped step
-                                  eta*nu*Delta = sqrt(C / <g, Delta>) whatever
-                                  the schedule; base: nu uses the schedule's
-                                  base rate eta_0 (pass C * (eta/eta_0)^2 to
-                                  kfac_step), so a decaying rate scales
-                                  clipped steps as it scales SGD's */
+                                  inverses (computed in double); float halves the
+                                  products' time at a relative error ~cond * 1e-7.
+                                  Default float */
+    kfac_clip_lr norm_constraint_lr; /* policy: the rate nu is computed with.
+                                  current (default, sem. 5): a clipped step is
+                                  sqrt(C / <g, Delta>) whatever the schedule; base:
+                                  nu uses the base rate eta_0 (C * (eta/eta_0)^2 to
+                                  kfac_step), so a decaying rate scales clipped steps */
     int    cov_subsample;      /* >= 1, default 1: statistics from the first
-                                  ceil(batch / cov_subsample) examples of each
-                                  mini-batch (the caller's policy; the library
-                                  averages over whatever it is given) */
+                                  ceil(batch / cov_subsample) examples (the caller's
+                                  policy; the library averages what it is given) */
     kfac_step_size step_size;  /* auto (default): each step's learning rate and
                                   momentum minimise the quadratic model over
                                   (Delta, previous step), scaled by the
@@ -146,14 +137,11 @@ typedef struct {
     double damping_omega;      /* in (0, 1), default 0.77378 = (19/20)^5: the
                                   factor the damping is multiplied by when
                                   rho > 3/4 and divided by when rho < 1/4 */
-    double min_damping, max_damping; /* bounds of the adapted damping (the
-                                  initial `damping` may lie outside: the first
-                                  adaptation brings it in), 0 < min <= max;
-                                  defaults 1e-8, 1e4 */
-    kfac_curvature_kind curvature; /* which curvature the quadratic model of
-                                  step_size=auto uses; default exact (the
-                                  caller falls back to kfac where it has no
-                                  exact products to offer) */
+    double min_damping, max_damping; /* bounds of the adapted damping (the first
+                                  adaptation brings an initial `damping` outside
+                                  them in), 0 < min <= max; defaults 1e-8, 1e4 */
+    kfac_curvature_kind curvature; /* the quadratic model's curvature; default
+                                  exact (kfac where the caller has no exact one) */
 } kfac_config;
 
 void kfac_config_default(kfac_config *cfg);
@@ -504,15 +492,12 @@ kfac_status kfac_ckpt_fingerprint(const char *path, char *out, size_t outlen, ch
 
 /* ------------------------------------------------------------ state */
 
-/* A block's resumable state as named arrays that point into the block's own
- * storage (factors, the damping split and inverse as live, flags), for
- * kfac_ckpt_save / kfac_ckpt_load. Names are relative to the block ("A",
- * "G_inverse_f32", ...): a caller with several blocks prefixes them. Which
- * arrays there are depends only on the block's shapes, damping type,
- * precision and registrations, so two blocks made alike list the same.
- * Returns how many entries there are; fills e[0..min(that, max)-1] (e may be
- * NULL with max 0 to count). The pointers stay valid until the next call
- * that changes the block. Before a save they hold the current state. */
+/* A block's resumable state as named arrays pointing into its own storage
+ * (factors, live damping split and inverse, flags), for kfac_ckpt_save/load.
+ * Names are relative ("A", "G_inverse_f32"): callers with several blocks
+ * prefix them. The list depends only on shapes, damping type, precision and
+ * registrations. Returns the count; fills e[0..min(count, max)-1] (e NULL,
+ * max 0: count only). Pointers are valid until the block next changes. */
 int kfac_block_state(kfac_block *b, kfac_ckpt_entry *e, int max);
 /* After kfac_ckpt_load filled the arrays of kfac_block_state: checks the
  * flags (KFAC_ERR_FORMAT if inconsistent) and makes them current; pending
@@ -550,11 +535,10 @@ kfac_status kfac_opt_create(const kfac_config *cfg, double net_momentum, int max
                             kfac_opt **out, char *err, size_t errlen);
 void kfac_opt_free(kfac_opt *o);
 
-/* Exact curvature for step_size=auto (kfac_config.curvature = exact): the
- * quadratic model then uses the whole network's Gauss-Newton matrix (for
- * softmax cross-entropy, the Fisher) instead of the Kronecker blocks'
- * approximation, through one forward pass per direction (a finite
- * difference of the outputs: J v). The caller provides:
+/* Exact curvature for step_size=auto, curvature=exact: the quadratic model
+ * uses the network's Gauss-Newton matrix (softmax cross-entropy: the Fisher),
+ * one forward pass per direction (J v by a finite difference). The caller
+ * provides:
  *  - outputs(ctx, run, out): the network's outputs on the step's
  *    mini-batch (the loss's inputs, n_out floats: logits) into out; run == 0:
  *    those of the forward pass already done at the current weights (no
