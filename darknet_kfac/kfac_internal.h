@@ -150,6 +150,18 @@ void kfac_store_group_f(const kfac_block *b, int j, const float *V, float *w, fl
 
 static inline size_t kfac_sq(int n) { return (size_t)n * (size_t)n; }
 
+/* The Kronecker-only accessors' argument rule (get/set factors, the damping
+ * split): NULL block, then a group out of range or another kind, then no
+ * factors yet (when they are needed). */
+static inline kfac_status kron_group_check(const kfac_block *b, int group, int need_factors)
+{
+    if (!b)
+        return KFAC_ERR_NULL;
+    if (group < 0 || group >= b->groups || b->kind != &kfac_kind_kron)
+        return KFAC_ERR_INVALID_ARG;
+    return need_factors && !b->has_factors ? KFAC_ERR_STATE : KFAC_OK;
+}
+
 /* ---- the automatic step (kfac_step.c) */
 
 typedef struct {

@@ -47,12 +47,9 @@ void kron_damping_split(const kfac_block *b, int j, double lam, double *lamA, do
 kfac_status kfac_block_factored_damping(const kfac_block *b, int group, double *lam_A,
                                         double *lam_G, double *pi)
 {
-    if (!b)
-        return KFAC_ERR_NULL;
-    if (group < 0 || group >= b->groups || b->kind != &kfac_kind_kron)
-        return KFAC_ERR_INVALID_ARG;
-    if (!b->has_factors)
-        return KFAC_ERR_STATE;
+    kfac_status st = kron_group_check(b, group, 1);
+    if (st != KFAC_OK)
+        return st;
     kron_damping_split(b, group, b->lam, lam_A, lam_G, pi);
     return KFAC_OK;
 }

@@ -132,12 +132,9 @@ kfac_status kron_fold(kfac_block *b, double inv_mt, double decay, int first)
 
 kfac_status kfac_block_get_factors(const kfac_block *b, int group, double *A, double *G)
 {
-    if (!b)
-        return KFAC_ERR_NULL;
-    if (group < 0 || group >= b->groups || b->kind != &kfac_kind_kron)
-        return KFAC_ERR_INVALID_ARG;
-    if (!b->has_factors)
-        return KFAC_ERR_STATE;
+    kfac_status st = kron_group_check(b, group, 1);
+    if (st != KFAC_OK)
+        return st;
     const kfac_kron *K = b->impl;
     if (A)
         memcpy(A, K->A + (size_t)group * kfac_sq(b->kb), sizeof(double) * kfac_sq(b->kb));
@@ -159,10 +156,11 @@ static int symmetric(const double *M, int n)
 
 kfac_status kfac_block_set_factors(kfac_block *b, int group, const double *A, const double *G)
 {
-    if (!b || !A || !G)
+    if (!A || !G)
         return KFAC_ERR_NULL;
-    if (group < 0 || group >= b->groups || b->kind != &kfac_kind_kron)
-        return KFAC_ERR_INVALID_ARG;
+    kfac_status st = kron_group_check(b, group, 0);
+    if (st != KFAC_OK)
+        return st;
     if (!kfac_all_finite_d(A, kfac_sq(b->kb)) || !kfac_all_finite_d(G, kfac_sq(b->n_g)))
         return KFAC_ERR_NOT_FINITE;
     if (!symmetric(A, b->kb) || !symmetric(G, b->n_g))
