@@ -659,11 +659,11 @@ typedef struct {
  * block has none) with the current damping; then, unless statistics or an
  * inverse were rejected or a gradient (w, b or aux) is not finite -- which
  * skips the whole step, clears every gradient and moves nothing, so no
- * layer moves on a step another one rejected -- kfac_step runs with the
- * norm constraint of the cfg (scaled by (eta/eta_0)^2 with
- * norm_constraint_lr=base). Counters and the report follow. Returns
- * KFAC_ERR_INVALID_ARG / NULL for bad arguments (nothing changed), else
- * KFAC_OK even when the step failed (see report). */
+ * layer moves on a step another one rejected -- the step: step_size=auto,
+ * the quadratic model's (kfac_step_auto, exact curvature when set); policy,
+ * kfac_step with C scaled by (eta/eta_0)^2 under norm_constraint_lr=base.
+ * Returns NULL/INVALID_ARG for bad arguments (nothing changed), a curvature
+ * callback's error as it is, else KFAC_OK even when the step failed. */
 kfac_status kfac_opt_step(kfac_opt *o, const kfac_opt_step_args *args, kfac_opt_report *rep);
 
 /* Levenberg-Marquardt damping after a step whose report said adapt_due:
